@@ -7,7 +7,7 @@ v is stored as the integer q = round(v * 2^fraclen) and means q * 2^-fraclen.
 * unsigned: q in [0, 2^bits - 1], fraclen in 0..bits.
 
 Rounding is round-half-to-even everywhere, in float and in integer code. Powers of two are
-built from their bit patterns (``_pow2``), never with ``exp2``/``pow``, whose XLA kernels are
+built from their bit patterns (``pow2``), never with ``exp2``/``pow``, whose XLA kernels are
 not exact for integer arguments: every scaling here is exact.
 
 What lives here (see docs/METHOD.md, sections 1, 2 and 6):
@@ -166,7 +166,7 @@ def _along_axis(fraclen: ArrayLike, shape: tuple[int, ...], axis: Optional[int],
     return fl.reshape((-1,) + (1,) * (ndim - axis - 1))
 
 
-def _pow2(exponent: jax.Array, dtype) -> jax.Array:
+def pow2(exponent: ArrayLike, dtype=jnp.float32) -> jax.Array:
     """2^exponent, exact, for integral exponents in [-126, 127], built from the float32
     bit pattern (XLA's exp2 and pow are not exact on every backend)."""
     e = jnp.clip(jnp.asarray(exponent).astype(jnp.int32), -126, 127)
@@ -185,7 +185,7 @@ def _float_dtype(x: jax.Array):
 def _quantize_with_mask(x: jax.Array, fl: jax.Array, signed: bool, bits: int,
                         rounding: bool):
     lo, hi = integer_range(signed=signed, bits=bits)
-    scale = _pow2(fl, x.dtype)
+    scale = pow2(fl, x.dtype)
     r = x * scale
     if rounding:
         r = jnp.round(r)  # jnp.round rounds half to even

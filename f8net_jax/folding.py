@@ -1,0 +1,100 @@
+"""How a quantized layer turns its variables into formats, scales and folded weights.
+
+Pure functions, shared by the Flax layers (simulation) and the integer exporter, so both
+derive the same numbers from the same variables (docs/METHOD.md, sections 2 to 6):
+
+* ``choose_fraclen``: a tensor's format by one of the rules (std, mae, rms, grid);
+* ``update_running_fraclen`` / ``running_fraclen``: the running input format, as state;
+* ``activation_scale``: PACT's clipping level alpha as a fixed-point scale s;
+* ``fold_conv_bn``: BatchNorm and the scales folded into the conv weight and bias;
+* ``round_bias``: the bias rounded to the 32-bit accumulator format;
+* ``classifier_weight_scale``, ``pool_shift``: the classifier's rescaling and the integer
+  average pool's shift.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from f8net_jax import fixed_point as fp
+
+FORMAT_RULES = ("std", "mae", "rms", "grid")
+INT32_MAX = 2**31 - 1
+
+
+def choose_fraclen(x: jax.Array, rule: str, *, signed: bool, bits: int = 8,
+                   axis: Optional[int] = None) -> jax.Array:
+    """The format of x by ``rule``: 'std', 'mae' or 'rms' (fp.fraclen_from_metric of that
+    statistic) or 'grid' (fp.fraclen_grid_search). Per tensor, or per channel along
+    ``axis``. Carries no gradient."""
+    if rule not in FORMAT_RULES:
+        raise ValueError(f"format_rule must be one of {list(FORMAT_RULES)}, got {rule!r}")
+    x = jax.lax.stop_gradient(x)
+    if rule == "grid":
+        return fp.fraclen_grid_search(x, signed=signed, bits=bits, axis=axis)
+    value = fp.tensor_metric(x, rule, axis=axis)
+    return fp.fraclen_from_metric(value, metric=rule, signed=signed, bits=bits)
+
+
+def update_running_fraclen(running: jax.Array, batch_fraclen: jax.Array,
+                           momentum: float) -> jax.Array:
+    """buf <- (1 - momentum) * buf + momentum * fl_batch (float, like BN's running mean)."""
+    return (1.0 - momentum) * running + momentum * batch_fraclen
+
+
+def running_fraclen(running: jax.Array, *, signed: bool, bits: int = 8) -> jax.Array:
+    """The format used in eval (and in every scale): clip(round(buf), 0, bits - signed)."""
+    return jnp.clip(jnp.round(running), 0, fp.max_fraclen(signed=signed, bits=bits))
+
+
+def activation_scale(alpha: jax.Array, fraclen: jax.Array, *, signed: bool,
+                     bits: int = 8) -> jax.Array:
+    """s = 2^fl * |alpha| / (2^(bits - signed) - 1).
+
+    A layer stores its input a = clip(z, 0, alpha) as x = a / s; then Q(x; fl) is exactly
+    PACT's quantizer with clipping level alpha and step alpha / (2^(bits - signed) - 1).
+    """
+    levels = (1 << (bits - int(signed))) - 1
+    return fp.pow2(fraclen, jnp.float32) * jnp.abs(alpha) / levels
+
+
+def fold_conv_bn(kernel: jax.Array, gamma: jax.Array, beta: jax.Array, mean: jax.Array,
+                 var: jax.Array, *, eps: float, in_scale, out_scale):
+    """BatchNorm and the input/output scales folded into a conv (kernel's last axis is the
+    output channel, as in HWIO and depthwise HW1C kernels):
+
+        W_f = (gamma / sigma) * W * s_in / s_out,   b_f = (beta - gamma * mu / sigma) / s_out
+
+    with sigma = sqrt(var + eps). The layer's output conv(x, W_f) + b_f is then in the
+    units of its consumer (scale s_out) when x is in its own units (scale s_in).
+    """
+    inv_sigma = gamma / jnp.sqrt(var + eps)
+    w_f = kernel * (inv_sigma * in_scale / out_scale)
+    b_f = (beta - inv_sigma * mean) / out_scale
+    return w_f, b_f
+
+
+def round_bias(bias: jax.Array, fraclen: jax.Array) -> jax.Array:
+    """The bias as the integer accumulator stores it: round(b * 2^fl) * 2^-fl, saturated to
+    the int32 range (32-bit fixed point at the accumulator's fl)."""
+    scale = fp.pow2(fraclen, bias.dtype)
+    return jnp.clip(jnp.round(bias * scale), -INT32_MAX, INT32_MAX) / scale
+
+
+def classifier_weight_scale(quantized_kernel: jax.Array, features: int) -> jax.Array:
+    """The classifier's forward rescaling ('rescale_forward', constant type, of the official
+    configs): ws = (1 / sqrt(features)) / std(Q(w)), treated as a constant."""
+    std = jnp.std(jax.lax.stop_gradient(quantized_kernel), ddof=1)
+    return (1.0 / math.sqrt(features)) / std
+
+
+def pool_shift(window: int) -> int:
+    """Average pooling over ``window`` values as an integer sum and a right shift of
+    round(log2(window)) bits; 2^shift / window is the factor the shift leaves over."""
+    if window < 1:
+        raise ValueError(f"the pooling window must hold at least one value, got {window}")
+    return int(round(math.log2(window)))

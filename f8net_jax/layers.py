@@ -1,0 +1,406 @@
+"""F8Net's quantized layers as Flax linen modules (docs/METHOD.md, sections 3 to 5).
+
+One definition serves full precision and fixed point; ``QuantConfig.mode`` picks.
+
+Units. In fixed point every activation travels in the *stored units* of the layer that
+reads it: a layer whose input has scale s receives x = a / s (a: the real activation) and
+produces its output already divided by its consumer's scale. The consumer's quantizer
+Q(x; fl) then performs ReLU, PACT's clip at alpha and the rounding at once. In float mode
+activations are real values and the consumer applies clip(., 0, alpha) (or ReLU).
+
+Scale plan. A producer needs its consumer's scale s = 2^fl * |alpha| / 255 before the
+consumer runs. Every layer that reads a stream (a *reader*: a conv, a block, the
+classifier) exposes ``owns_alpha``, ``own_alpha()`` and ``input_scale(alpha)``, and
+``scale_plan(readers)`` walks them in order: a reader that owns an alpha starts a chain,
+the others read the chain of the reader before them. Models compute the plan first and
+pass each reader its alpha and its consumer's scale.
+
+State. 'params': kernels, BatchNorm scale/bias, alpha (one per chain), classifier bias;
+'batch_stats': BatchNorm running mean/var; 'quant_stats': each layer's running input
+fraclen. Weight formats are recomputed from the folded weight at every call; input formats
+come from 'quant_stats'. Nothing derived is stored.
+
+Where we choose differently from the official code, or where it has no single answer:
+* granularity 'channel' gives per-output-channel *weight* formats; input formats stay per
+  layer, since integer accumulation over input channels needs one input format;
+* BatchNorm's running variance is updated with the unbiased batch variance, as in PyTorch;
+* the classifier rejects 'channel': its logits must share one integer format;
+* ``consistent_clip`` (off by default) is the consistent training variant of METHOD.md 8.6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from f8net_jax import fixed_point as fp
+from f8net_jax import folding
+
+MODES = ("float", "fixed")
+GRANULARITIES = ("layer", "channel")
+INPUT_KINDS = ("unsigned", "signed", "image")
+
+
+def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How a model quantizes. One model definition; this object picks the arithmetic."""
+
+    mode: str = "fixed"            # "float" (full precision) or "fixed" (F8Net simulation)
+    format_rule: str = "std"       # format from "std", "mae", "rms" statistics, or "grid"
+    granularity: str = "layer"     # weight formats per "layer" or per output "channel"
+    clipping: bool = True          # PACT alpha (off: no clipping, s = 1, tiny fine-tuning)
+    format_momentum: float = 0.1   # running input format: buf <- (1-m) buf + m fl_batch
+    weight_format: tuple = (8, 7)  # (bits, initial fraclen); fl is re-chosen every step
+    input_format: tuple = (8, 6)   # (bits, initial running fraclen of every layer input)
+    consistent_clip: bool = False  # METHOD.md 8.6: train with the running format's scale
+    alpha_init: float = 8.0        # initial PACT clipping level
+    bn_momentum: float = 0.1       # PyTorch convention: running <- 0.9 running + 0.1 batch
+    bn_eps: float = 1e-5
+    rescale_classifier: bool = True   # classifier weight rescaling of the official configs
+    share_classifier_alpha: bool = False  # METHOD.md 8.7: classifier reads the chain's alpha
+    normalized_input: bool = False  # images arrive normalized (signed) instead of as pixels
+
+    def __post_init__(self):
+        _choice("mode", self.mode, MODES)
+        _choice("format_rule", self.format_rule, folding.FORMAT_RULES)
+        _choice("granularity", self.granularity, GRANULARITIES)
+        for name in ("weight_format", "input_format"):
+            value = getattr(self, name)
+            if (not isinstance(value, (tuple, list)) or len(value) != 2
+                    or not all(isinstance(v, (int, float)) for v in value)):
+                raise ValueError(f"{name} must be a pair (bits, fraclen), got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        bits = self.weight_format[0]
+        if bits != self.input_format[0] or bits != 8 and self.format_rule != "grid":
+            raise ValueError(
+                f"weight_format and input_format must have 8 bits with format_rule "
+                f"{self.format_rule!r} (its constants are fitted for 8 bits); got "
+                f"{self.weight_format} and {self.input_format}")
+        fp.FixedPointFormat(int(bits), int(self.weight_format[1]), True)
+        hi = fp.max_fraclen(signed=False, bits=int(self.input_format[0]))
+        if not 0 <= self.input_format[1] <= hi:
+            raise ValueError(f"input_format fraclen must be in [0, {hi}], got {self.input_format}")
+        if not 0.0 < self.format_momentum <= 1.0:
+            raise ValueError(f"format_momentum must be in (0, 1], got {self.format_momentum}")
+        if not 0.0 < self.bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
+        if not self.alpha_init > 0:
+            raise ValueError(f"alpha_init must be positive, got {self.alpha_init}")
+
+    @property
+    def fixed(self) -> bool:
+        return self.mode == "fixed"
+
+    @property
+    def bits(self) -> int:
+        return int(self.weight_format[0])
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "QuantConfig":
+        """From an ml_collections.ConfigDict (or any mapping) with a subset of the fields."""
+        items = dict(config.items() if hasattr(config, "items") else config)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(items) - known)
+        if unknown:
+            raise ValueError(f"unknown quant field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**items)
+
+
+# --------------------------------------------------------------------------------------
+# The input side of a quantized layer: alpha, running format, quantization.
+
+
+class InputQuantizer(nn.Module):
+    """The input of one quantized layer: its running format ('quant_stats'), the PACT
+    clipping level alpha ('params', only in the layer that starts a chain) and the scale.
+
+    ``kind``: 'unsigned' (after a ReLU), 'signed' (a linear stream, a normalized image) or
+    'image' (pixels p in [0, 255] stored as p at fl 8, scale 1, no clipping).
+    """
+
+    kind: str
+    owns_alpha: bool
+    quant: QuantConfig
+
+    def setup(self):
+        _choice("input kind", self.kind, INPUT_KINDS)
+        q = self.quant
+        self.has_alpha = self.owns_alpha and q.clipping and self.kind != "image"
+        if self.has_alpha:
+            self.alpha = self.param("alpha", nn.initializers.constant(q.alpha_init), (),
+                                    jnp.float32)
+        if q.fixed and self.kind != "image":
+            self.fraclen = self.variable("quant_stats", "fraclen",
+                                         lambda: jnp.asarray(q.input_format[1], jnp.float32))
+
+    @property
+    def signed(self) -> bool:
+        return self.kind == "signed"
+
+    def own_alpha(self) -> Optional[jax.Array]:
+        return self.alpha if self.has_alpha else None
+
+    def _scale(self, alpha, fraclen):
+        if alpha is None or not self.quant.clipping:
+            return jnp.float32(1.0)
+        return folding.activation_scale(alpha, fraclen, signed=self.signed, bits=self.quant.bits)
+
+    def eval_fraclen(self) -> jax.Array:
+        """The input format of eval and of every scale: clip(round(buf))."""
+        return folding.running_fraclen(self.fraclen.value, signed=self.signed,
+                                       bits=self.quant.bits)
+
+    def input_scale(self, alpha) -> jax.Array:
+        """The scale in which a producer must deliver this layer's input (from the running
+        format before this step's update)."""
+        if not self.quant.fixed or self.kind == "image":
+            return jnp.float32(1.0)
+        return self._scale(alpha, self.eval_fraclen())
+
+    def __call__(self, x, *, alpha, train: bool):
+        """Returns (x_q, fraclen, s): the quantized input in stored units, its format and the
+        scale s_self for folding. Float mode: (the clipped real activation, None, 1)."""
+        q = self.quant
+        if not q.fixed:
+            if self.kind == "image":
+                return x, None, jnp.float32(1.0)
+            if alpha is None:
+                return (x if self.signed else nn.relu(x)), None, jnp.float32(1.0)
+            alpha = jnp.abs(alpha)
+            return jnp.clip(x, -alpha if self.signed else 0.0, alpha), None, jnp.float32(1.0)
+        if self.kind == "image":
+            fraclen = jnp.float32(fp.max_fraclen(signed=False, bits=q.bits))
+            return fp.quantize(x, fraclen, signed=False, bits=q.bits), fraclen, jnp.float32(1.0)
+        old_fraclen = self.eval_fraclen()
+        if not train:
+            return (fp.quantize(x, old_fraclen, signed=self.signed, bits=q.bits), old_fraclen,
+                    self._scale(alpha, old_fraclen))
+        batch_fraclen = folding.choose_fraclen(x, q.format_rule, signed=self.signed, bits=q.bits)
+        new_running = folding.update_running_fraclen(self.fraclen.value, batch_fraclen,
+                                                     q.format_momentum)
+        if not self.is_initializing():
+            self.fraclen.value = new_running
+        if q.consistent_clip:
+            # Quantize with the format the producer's scale assumed: the clip is exactly alpha.
+            fraclen, scale = old_fraclen, self._scale(alpha, old_fraclen)
+        else:
+            # The official training step: batch format for the quantizer, updated running
+            # format for the scale (effective clip alpha * 2^(round(buf) - fl_batch)).
+            fraclen = batch_fraclen
+            scale = self._scale(alpha, folding.running_fraclen(
+                new_running, signed=self.signed, bits=q.bits))
+        return fp.quantize(x, fraclen, signed=self.signed, bits=q.bits), fraclen, scale
+
+
+# --------------------------------------------------------------------------------------
+# Quantized conv + BatchNorm.
+
+
+def _conv(x, kernel, strides, padding, groups, precision=None):
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(strides, strides), padding=[(padding, padding)] * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        precision=precision)
+
+
+class QuantConvBN(nn.Module):
+    """Conv (no bias) + BatchNorm whose output is in its consumer's units (METHOD.md 4).
+
+    Fixed point, training: x_q = Q(x; fl) with the batch's format; a first pass
+    conv(s * x_q, W) gives the batch statistics (and updates the running ones); the second
+    pass computes conv(x_q, Q(W_f; fl_w)) + b_f with the folded W_f, b_f of
+    ``folding.fold_conv_bn``. Gradients flow through both passes. Eval: running statistics,
+    one pass, and the bias rounded to the accumulator format fl_in + fl_w (METHOD.md 8.3).
+    Float: conv, then BatchNorm, in one pass and real units.
+
+    Padding is symmetric, kernel_size // 2 (as in PyTorch); ``depthwise`` convs have one
+    filter per channel (features == in_features).
+    """
+
+    in_features: int
+    features: int
+    kernel_size: int
+    quant: QuantConfig
+    strides: int = 1
+    depthwise: bool = False
+    input_kind: str = "unsigned"
+    owns_alpha: bool = True
+
+    def setup(self):
+        if self.depthwise and self.in_features != self.features:
+            raise ValueError(f"a depthwise conv needs features == in_features, got "
+                             f"{self.features} and {self.in_features}")
+        k, fan_in = self.kernel_size, 1 if self.depthwise else self.in_features
+        self.kernel = self.param(
+            "kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+            (k, k, fan_in, self.features), jnp.float32)
+        self.scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
+        self.bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        self.mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,), jnp.float32)
+        self.var = self.variable("batch_stats", "var", jnp.ones, (self.features,), jnp.float32)
+        self.input = InputQuantizer(kind=self.input_kind, owns_alpha=self.owns_alpha,
+                                    quant=self.quant)
+
+    # The reader interface (see scale_plan).
+    def own_alpha(self):
+        return self.input.own_alpha()
+
+    def input_scale(self, alpha):
+        return self.input.input_scale(alpha)
+
+    def _conv(self, x, kernel, precision=None):
+        groups = self.features if self.depthwise else 1
+        return _conv(x, kernel, self.strides, self.kernel_size // 2, groups, precision)
+
+    def _batch_norm_statistics(self, y, train: bool):
+        if not train:
+            return self.mean.value, self.var.value
+        mean = jnp.mean(y, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(y - mean), axis=(0, 1, 2))
+        if not self.is_initializing():
+            n = y.shape[0] * y.shape[1] * y.shape[2]
+            m = self.quant.bn_momentum
+            unbiased = var * (n / max(n - 1, 1))
+            self.mean.value = (1 - m) * self.mean.value + m * jax.lax.stop_gradient(mean)
+            self.var.value = (1 - m) * self.var.value + m * jax.lax.stop_gradient(unbiased)
+        return mean, var
+
+    def __call__(self, x, *, alpha=None, out_scale=1.0, train: bool = False):
+        q = self.quant
+        x_q, in_fraclen, in_scale = self.input(x, alpha=alpha, train=train)
+        if not q.fixed:
+            y = self._conv(x_q, self.kernel)
+            mean, var = self._batch_norm_statistics(y, train)
+            return (y - mean) * (self.scale / jnp.sqrt(var + q.bn_eps)) + self.bias
+        if train:
+            mean, var = self._batch_norm_statistics(self._conv(in_scale * x_q, self.kernel), train)
+        else:
+            mean, var = self.mean.value, self.var.value
+        w_f, b_f = folding.fold_conv_bn(self.kernel, self.scale, self.bias, mean, var,
+                                        eps=q.bn_eps, in_scale=in_scale, out_scale=out_scale)
+        axis = -1 if q.granularity == "channel" else None
+        w_fraclen = folding.choose_fraclen(w_f, q.format_rule, signed=True, bits=q.bits, axis=axis)
+        w_q = fp.quantize(w_f, w_fraclen, signed=True, bits=q.bits, axis=axis)
+        if not train:
+            b_f = folding.round_bias(b_f, in_fraclen + w_fraclen)
+        # Exact in float32: products of two 8-bit grids, sums below 2^24 in integer units.
+        return self._conv(x_q, w_q, precision=jax.lax.Precision.HIGHEST) + b_f
+
+
+class QuantDense(nn.Module):
+    """The classifier, the last consumer (METHOD.md 4).
+
+    Fixed point, training: y = (s * Q(x)) @ (ws * Q(w)) + b, ws the constant rescaling of
+    ``folding.classifier_weight_scale``; eval (and integer inference):
+    Q(x) @ Q(w) + round(b / (s * ws)), logits scaled by the positive constant 1 / (s * ws).
+    ``weight_factor`` multiplies the kernel before its format is chosen (the integer
+    average pool's leftover factor, see ``global_average_pool``). Formats per layer only.
+    """
+
+    in_features: int
+    features: int
+    quant: QuantConfig
+    owns_alpha: bool = True
+    input_kind: str = "unsigned"
+    granularity: Optional[str] = None  # defaults to per layer; 'channel' is rejected
+
+    def setup(self):
+        if self.granularity not in (None, "layer"):
+            raise ValueError(
+                f"granularity {self.granularity!r} is not available for the classifier "
+                f"(QuantDense): allowed ['layer'], since its logits share one integer format")
+        self.kernel = self.param("kernel", nn.initializers.normal(0.01),
+                                 (self.in_features, self.features), jnp.float32)
+        self.bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        self.input = InputQuantizer(kind=self.input_kind, owns_alpha=self.owns_alpha,
+                                    quant=self.quant)
+
+    def own_alpha(self):
+        return self.input.own_alpha()
+
+    def input_scale(self, alpha):
+        return self.input.input_scale(alpha)
+
+    def _rescale(self, kernel):
+        if not self.quant.rescale_classifier:
+            return jnp.float32(1.0)
+        return folding.classifier_weight_scale(kernel, self.features)
+
+    def __call__(self, x, *, alpha=None, weight_factor=1.0, train: bool = False):
+        q = self.quant
+        x_q, in_fraclen, in_scale = self.input(x, alpha=alpha, train=train)
+        kernel = self.kernel * weight_factor
+        if not q.fixed:
+            return x_q @ (self._rescale(kernel) * kernel) + self.bias
+        w_fraclen = folding.choose_fraclen(kernel, q.format_rule, signed=True, bits=q.bits)
+        w_q = fp.quantize(kernel, w_fraclen, signed=True, bits=q.bits)
+        ws = self._rescale(w_q)
+        hi = jax.lax.Precision.HIGHEST
+        if train:
+            return jnp.matmul(in_scale * x_q, ws * w_q, precision=hi) + self.bias
+        bias = folding.round_bias(self.bias / (in_scale * ws), in_fraclen + w_fraclen)
+        return jnp.matmul(x_q, w_q, precision=hi) + bias
+
+
+# --------------------------------------------------------------------------------------
+# Pooling and the scale plan.
+
+
+def max_pool(x, window: int = 3, strides: int = 2, padding: int = 1):
+    """Max pooling with symmetric padding (padded values never win: -inf)."""
+    return nn.max_pool(x, (window, window), (strides, strides),
+                       padding=[(padding, padding)] * 2)
+
+
+def global_average_pool(x, quant: QuantConfig):
+    """Global average pool. Returns (pooled, weight_factor for the consumer).
+
+    Float: the mean. Fixed point: the sum over the H*W window shifted right by
+    n = round(log2(H*W)) bits, in simulation and integer inference alike; the leftover
+    factor 2^n / (H*W) is returned so the consumer (the classifier) folds it into its
+    weight, and the network still computes the mean (METHOD.md 8.1: one pooling for all
+    paths; unlike the official fusion, the skip path is not left out).
+    """
+    if not quant.fixed:
+        return jnp.mean(x, axis=(1, 2)), 1.0
+    window = x.shape[1] * x.shape[2]
+    shift = folding.pool_shift(window)
+    pooled = jnp.sum(x, axis=(1, 2)) * fp.pow2(-shift, x.dtype)
+    return pooled, (2.0 ** shift) / window
+
+
+def scale_plan(readers: Sequence[Any], alpha=None):
+    """Alphas and input scales of a sequence of readers that each consume the previous one's
+    output. A reader that owns an alpha starts a chain; the others use the alpha of the
+    chain they read (``alpha`` for the first). Returns (alphas, scales)."""
+    alphas, scales = [], []
+    for reader in readers:
+        alpha = reader.own_alpha() if reader.owns_alpha else alpha
+        alphas.append(alpha)
+        scales.append(reader.input_scale(alpha))
+    return alphas, scales
+
+
+def run_readers(readers: Sequence[Any], x, *, alpha, out_scale, train: bool):
+    """Runs readers in sequence, each delivering its output in the next one's units and the
+    last in ``out_scale``."""
+    alphas, scales = scale_plan(readers, alpha)
+    for i, reader in enumerate(readers):
+        next_scale = scales[i + 1] if i + 1 < len(readers) else out_scale
+        x = reader(x, alpha=alphas[i], out_scale=next_scale, train=train)
+    return x
+
+
+def count_params(params) -> int:
+    """Number of scalars in a parameter tree."""
+    return int(sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
