@@ -259,13 +259,23 @@ def saturate(x: ArrayLike, fraclen: ArrayLike, *, signed: bool, bits: int = 8,
 # Choosing a format from statistics.
 
 
-def tensor_metric(x: ArrayLike, metric: str, *, axis: Optional[int] = None) -> jax.Array:
+def _mean(x: jax.Array, axes, axis_name: Optional[str]) -> jax.Array:
+    """Mean over ``axes``, and over the devices of ``axis_name`` (equal shards) if given."""
+    mean = jnp.mean(x, axis=axes)
+    return mean if axis_name is None else jax.lax.pmean(mean, axis_name)
+
+
+def tensor_metric(x: ArrayLike, metric: str, *, axis: Optional[int] = None,
+                  axis_name: Optional[str] = None) -> jax.Array:
     """A statistic of x for the format rule, over the whole tensor (axis=None) or over all
     axes but ``axis`` (per channel):
 
     * 'std': unbiased standard deviation, sqrt(sum((x - mean)^2) / (N - 1));
     * 'mae': mean absolute value, mean(|x|);
     * 'rms': root mean square, sqrt(mean(x^2)).
+
+    With ``axis_name`` (inside pmap), x is one device's shard of a tensor split evenly over
+    the devices of that axis, and the statistic is the whole tensor's.
     """
     if metric not in METRIC_CONSTANTS:
         raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
@@ -273,10 +283,16 @@ def tensor_metric(x: ArrayLike, metric: str, *, axis: Optional[int] = None) -> j
     axis = _normalize_axis(axis, x.ndim)
     reduce = None if axis is None else tuple(a for a in range(x.ndim) if a != axis)
     if metric == "std":
-        return jnp.std(x, axis=reduce, ddof=1)
+        if axis_name is None:
+            return jnp.std(x, axis=reduce, ddof=1)
+        n = (x.size if axis is None else x.size // x.shape[axis]) * jax.lax.psum(1, axis_name)
+        mean = _mean(x, reduce, axis_name)
+        if axis is not None:
+            mean = jnp.expand_dims(mean, reduce)
+        return jnp.sqrt(_mean(jnp.square(x - mean), reduce, axis_name) * (n / (n - 1)))
     if metric == "mae":
-        return jnp.mean(jnp.abs(x), axis=reduce)
-    return jnp.sqrt(jnp.mean(jnp.square(x), axis=reduce))
+        return _mean(jnp.abs(x), reduce, axis_name)
+    return jnp.sqrt(_mean(jnp.square(x), reduce, axis_name))
 
 
 def _floor_log2(r: jax.Array) -> jax.Array:
@@ -318,24 +334,27 @@ def fraclen_from_metric(value: ArrayLike, *, metric: str = "std", signed: bool,
 
 
 def quantization_rms_error(x: ArrayLike, fraclen: ArrayLike, *, signed: bool, bits: int = 8,
-                           axis: Optional[int] = None) -> jax.Array:
+                           axis: Optional[int] = None,
+                           axis_name: Optional[str] = None) -> jax.Array:
     """sqrt(mean((x - Q(x; fl))^2)) over the whole tensor, or per channel along ``axis``
-    when fraclen is per channel."""
+    when fraclen is per channel (over all devices of ``axis_name`` when given)."""
     x = jnp.asarray(x)
     err = jnp.square(x - quantize(x, fraclen, signed=signed, bits=bits, axis=axis))
     ax = _normalize_axis(axis, x.ndim)
     if ax is None or jnp.ndim(fraclen) == 0:
-        return jnp.sqrt(jnp.mean(err))
-    return jnp.sqrt(jnp.mean(err, axis=tuple(a for a in range(x.ndim) if a != ax)))
+        return jnp.sqrt(_mean(err, None, axis_name))
+    return jnp.sqrt(_mean(err, tuple(a for a in range(x.ndim) if a != ax), axis_name))
 
 
 def fraclen_grid_search(x: ArrayLike, *, signed: bool, bits: int = 8,
-                        axis: Optional[int] = None) -> jax.Array:
+                        axis: Optional[int] = None,
+                        axis_name: Optional[str] = None) -> jax.Array:
     """The fl in [0, bits - signed] with the lowest RMS quantization error
     sqrt(mean((x - Q(x; fl))^2)); the smallest fl wins a tie.
 
-    Over the whole tensor (axis=None, the official rule), or per channel along ``axis``.
-    Returns float32 holding integers: a scalar, or a vector of x.shape[axis]. No gradient.
+    Over the whole tensor (axis=None, the official rule), or per channel along ``axis``;
+    over all devices of ``axis_name`` when given. Returns float32 holding integers: a
+    scalar, or a vector of x.shape[axis]. No gradient.
     """
     bits = _check_bits(bits)
     signed = _check_signed(signed)
@@ -343,12 +362,13 @@ def fraclen_grid_search(x: ArrayLike, *, signed: bool, bits: int = 8,
     ax = _normalize_axis(axis, x.ndim)
     candidates = jnp.arange(max_fraclen(signed=signed, bits=bits) + 1, dtype=jnp.float32)
     if ax is None:
-        errors = jax.vmap(
-            lambda fl: quantization_rms_error(x, fl, signed=signed, bits=bits))(candidates)
+        errors = jax.vmap(lambda fl: quantization_rms_error(
+            x, fl, signed=signed, bits=bits, axis_name=axis_name))(candidates)
     else:
         channels = x.shape[ax]
         errors = jax.vmap(lambda fl: quantization_rms_error(
-            x, jnp.full((channels,), fl), signed=signed, bits=bits, axis=ax))(candidates)
+            x, jnp.full((channels,), fl), signed=signed, bits=bits, axis=ax,
+            axis_name=axis_name))(candidates)
     return jnp.argmin(errors, axis=0).astype(jnp.float32)  # argmin returns the first minimum
 
 

@@ -27,16 +27,17 @@ INT32_MAX = 2**31 - 1
 
 
 def choose_fraclen(x: jax.Array, rule: str, *, signed: bool, bits: int = 8,
-                   axis: Optional[int] = None) -> jax.Array:
+                   axis: Optional[int] = None, axis_name: Optional[str] = None) -> jax.Array:
     """The format of x by ``rule``: 'std', 'mae' or 'rms' (fp.fraclen_from_metric of that
     statistic) or 'grid' (fp.fraclen_grid_search). Per tensor, or per channel along
-    ``axis``. Carries no gradient."""
+    ``axis``; over the shards of x on all devices of ``axis_name`` when given. Carries no
+    gradient."""
     if rule not in FORMAT_RULES:
         raise ValueError(f"format_rule must be one of {list(FORMAT_RULES)}, got {rule!r}")
     x = jax.lax.stop_gradient(x)
     if rule == "grid":
-        return fp.fraclen_grid_search(x, signed=signed, bits=bits, axis=axis)
-    value = fp.tensor_metric(x, rule, axis=axis)
+        return fp.fraclen_grid_search(x, signed=signed, bits=bits, axis=axis, axis_name=axis_name)
+    value = fp.tensor_metric(x, rule, axis=axis, axis_name=axis_name)
     return fp.fraclen_from_metric(value, metric=rule, signed=signed, bits=bits)
 
 
@@ -73,7 +74,8 @@ def fold_conv_bn(kernel: jax.Array, gamma: jax.Array, beta: jax.Array, mean: jax
     units of its consumer (scale s_out) when x is in its own units (scale s_in).
     """
     inv_sigma = gamma / jnp.sqrt(var + eps)
-    w_f = kernel * (inv_sigma * in_scale / out_scale)
+    # The official code's order of operations, so that float32 rounding agrees with it.
+    w_f = inv_sigma * kernel * in_scale / out_scale
     b_f = (beta - inv_sigma * mean) / out_scale
     return w_f, b_f
 

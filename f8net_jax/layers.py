@@ -69,6 +69,7 @@ class QuantConfig:
     rescale_classifier: bool = True   # classifier weight rescaling of the official configs
     share_classifier_alpha: bool = False  # METHOD.md 8.7: classifier reads the chain's alpha
     normalized_input: bool = False  # images arrive normalized (signed) instead of as pixels
+    batch_axis_name: Optional[str] = None  # pmap axis: batch statistics over all devices
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)
@@ -185,7 +186,8 @@ class InputQuantizer(nn.Module):
         if not train:
             return (fp.quantize(x, old_fraclen, signed=self.signed, bits=q.bits), old_fraclen,
                     self._scale(alpha, old_fraclen))
-        batch_fraclen = folding.choose_fraclen(x, q.format_rule, signed=self.signed, bits=q.bits)
+        batch_fraclen = folding.choose_fraclen(x, q.format_rule, signed=self.signed, bits=q.bits,
+                                               axis_name=q.batch_axis_name)
         new_running = folding.update_running_fraclen(self.fraclen.value, batch_fraclen,
                                                      q.format_momentum)
         if not self.is_initializing():
@@ -202,8 +204,23 @@ class InputQuantizer(nn.Module):
         return fp.quantize(x, fraclen, signed=self.signed, bits=q.bits), fraclen, scale
 
 
+def _sow_formats(module: nn.Module, in_fraclen, w_fraclen, alpha) -> None:
+    """Reports a layer's formats in the 'formats' collection when the caller asks for it
+    (apply(..., mutable=['formats'])); nothing is stored otherwise."""
+    module.sow("formats", "input_fraclen", in_fraclen)
+    module.sow("formats", "weight_fraclen", w_fraclen)
+    if alpha is not None:
+        module.sow("formats", "alpha", jnp.abs(alpha))
+
+
 # --------------------------------------------------------------------------------------
 # Quantized conv + BatchNorm.
+
+
+def _mean_over_batch(y, axis_name):
+    """Per-channel mean over N, H, W, and over the devices of ``axis_name`` (equal shards)."""
+    mean = jnp.mean(y, axis=(0, 1, 2))
+    return mean if axis_name is None else jax.lax.pmean(mean, axis_name)
 
 
 def _conv(x, kernel, strides, padding, groups, precision=None):
@@ -265,10 +282,12 @@ class QuantConvBN(nn.Module):
     def _batch_norm_statistics(self, y, train: bool):
         if not train:
             return self.mean.value, self.var.value
-        mean = jnp.mean(y, axis=(0, 1, 2))
-        var = jnp.mean(jnp.square(y - mean), axis=(0, 1, 2))
+        axis_name = self.quant.batch_axis_name
+        mean = _mean_over_batch(y, axis_name)
+        var = _mean_over_batch(jnp.square(y - mean), axis_name)
         if not self.is_initializing():
-            n = y.shape[0] * y.shape[1] * y.shape[2]
+            devices = 1 if axis_name is None else jax.lax.psum(1, axis_name)
+            n = y.shape[0] * y.shape[1] * y.shape[2] * devices
             m = self.quant.bn_momentum
             unbiased = var * (n / max(n - 1, 1))
             self.mean.value = (1 - m) * self.mean.value + m * jax.lax.stop_gradient(mean)
@@ -293,6 +312,7 @@ class QuantConvBN(nn.Module):
         w_q = fp.quantize(w_f, w_fraclen, signed=True, bits=q.bits, axis=axis)
         if not train:
             b_f = folding.round_bias(b_f, in_fraclen + w_fraclen)
+        _sow_formats(self, in_fraclen, w_fraclen, alpha)
         # Exact in float32: products of two 8-bit grids, sums below 2^24 in integer units.
         return self._conv(x_q, w_q, precision=jax.lax.Precision.HIGHEST) + b_f
 
@@ -300,11 +320,13 @@ class QuantConvBN(nn.Module):
 class QuantDense(nn.Module):
     """The classifier, the last consumer (METHOD.md 4).
 
-    Fixed point, training: y = (s * Q(x)) @ (ws * Q(w)) + b, ws the constant rescaling of
+    Fixed point, training: y = s * ws * (Q(x) @ Q(w)) + b, ws the constant rescaling of
     ``folding.classifier_weight_scale``; eval (and integer inference):
     Q(x) @ Q(w) + round(b / (s * ws)), logits scaled by the positive constant 1 / (s * ws).
-    ``weight_factor`` multiplies the kernel before its format is chosen (the integer
-    average pool's leftover factor, see ``global_average_pool``). Formats per layer only.
+    ``input_factor`` f is a positive constant the input is to be multiplied by (the integer
+    average pool's leftover factor 2^n / (H*W), see ``global_average_pool``); it joins the
+    constant s * ws, so the quantized weight and its format do not see it. Formats per
+    layer only.
     """
 
     in_features: int
@@ -336,19 +358,21 @@ class QuantDense(nn.Module):
             return jnp.float32(1.0)
         return folding.classifier_weight_scale(kernel, self.features)
 
-    def __call__(self, x, *, alpha=None, weight_factor=1.0, train: bool = False):
+    def __call__(self, x, *, alpha=None, input_factor=1.0, train: bool = False):
         q = self.quant
         x_q, in_fraclen, in_scale = self.input(x, alpha=alpha, train=train)
-        kernel = self.kernel * weight_factor
         if not q.fixed:
-            return x_q @ (self._rescale(kernel) * kernel) + self.bias
-        w_fraclen = folding.choose_fraclen(kernel, q.format_rule, signed=True, bits=q.bits)
-        w_q = fp.quantize(kernel, w_fraclen, signed=True, bits=q.bits)
+            return (input_factor * x_q) @ (self._rescale(self.kernel) * self.kernel) + self.bias
+        w_fraclen = folding.choose_fraclen(self.kernel, q.format_rule, signed=True, bits=q.bits)
+        w_q = fp.quantize(self.kernel, w_fraclen, signed=True, bits=q.bits)
         ws = self._rescale(w_q)
+        _sow_formats(self, in_fraclen, w_fraclen, alpha)
+        scale = in_scale * input_factor * ws  # one constant: logits = scale * (Q(x) @ Q(w))
         hi = jax.lax.Precision.HIGHEST
         if train:
-            return jnp.matmul(in_scale * x_q, ws * w_q, precision=hi) + self.bias
-        bias = folding.round_bias(self.bias / (in_scale * ws), in_fraclen + w_fraclen)
+            return scale * jnp.matmul(x_q, w_q, precision=hi) + self.bias
+        bias = folding.round_bias(self.bias / scale, in_fraclen + w_fraclen)
+        self.sow("formats", "logit_scale", scale)  # eval logits * this = train units
         return jnp.matmul(x_q, w_q, precision=hi) + bias
 
 
@@ -363,13 +387,13 @@ def max_pool(x, window: int = 3, strides: int = 2, padding: int = 1):
 
 
 def global_average_pool(x, quant: QuantConfig):
-    """Global average pool. Returns (pooled, weight_factor for the consumer).
+    """Global average pool. Returns (pooled, input_factor for the consumer).
 
     Float: the mean. Fixed point: the sum over the H*W window shifted right by
     n = round(log2(H*W)) bits, in simulation and integer inference alike; the leftover
-    factor 2^n / (H*W) is returned so the consumer (the classifier) folds it into its
-    weight, and the network still computes the mean (METHOD.md 8.1: one pooling for all
-    paths; unlike the official fusion, the skip path is not left out).
+    factor 2^n / (H*W) is returned for the consumer (the classifier), which applies it in
+    its output scale, so the network still computes the mean (METHOD.md 8.1: one pooling
+    for all paths; unlike the official fusion, the skip path is not left out).
     """
     if not quant.fixed:
         return jnp.mean(x, axis=(1, 2)), 1.0

@@ -82,7 +82,7 @@ def test_conv_eval_forward_equals_numpy_method(case):
     fl_in = min(max(np.round(case["fl"]), 0), 7 if signed else 8)
     s_in = np.float32(2.0 ** fl_in * abs(alpha) / (127 if signed else 255))
     inv_sigma = p["scale"] / np.sqrt(bs["var"] + np.float32(1e-5))
-    w_f = p["kernel"] * (inv_sigma * s_in / out_scale)
+    w_f = inv_sigma * p["kernel"] * s_in / out_scale
     b_f = (p["bias"] - inv_sigma * bs["mean"]) / out_scale
     # Weight format: per layer, or per output channel (the kernel's last axis).
     std = np.std(w_f.astype(np.float64), ddof=1, axis=(0, 1, 2) if channel else None)

@@ -61,7 +61,7 @@ class MobileNetV1(nn.Module):
         for i, layer in enumerate(readers):
             x = nn.relu(layer(x, alpha=alphas[i], out_scale=scales[i + 1], train=train))
         x, factor = global_average_pool(x, q)
-        return classifier(x, alpha=alphas[-1], weight_factor=factor, train=train)
+        return classifier(x, alpha=alphas[-1], input_factor=factor, train=train)
 
 
 class InvertedResidual(nn.Module):
@@ -143,4 +143,4 @@ class MobileNetV2(nn.Module):
             x = block(x, alpha=alphas[i + 1], out_scale=scales[i + 2], train=train)
         x = nn.relu(tail(x, alpha=alphas[-2], out_scale=scales[-1], train=train))
         x, factor = global_average_pool(x, q)
-        return classifier(x, alpha=alphas[-1], weight_factor=factor, train=train)
+        return classifier(x, alpha=alphas[-1], input_factor=factor, train=train)

@@ -121,4 +121,4 @@ class ResNet(nn.Module):
         for i, block in enumerate(blocks):
             x = block(x, alpha=alphas[i + 1], out_scale=scales[i + 2], train=train)
         x, factor = global_average_pool(x, self.quant)
-        return classifier(x, alpha=alphas[-1], weight_factor=factor, train=train)
+        return classifier(x, alpha=alphas[-1], input_factor=factor, train=train)

@@ -1,0 +1,75 @@
+"""Trains and evaluates a model of this package.
+
+    python -m f8net_jax.main --config=configs/smoke.py --workdir=/tmp/f8net_smoke \
+        [--config.batch_size=64 ...]
+
+Rerunning the same command resumes from the workdir's latest checkpoint. On several hosts,
+pass --coordinator_address, --num_processes and --process_id (or --distributed on
+platforms where jax.distributed.initialize() finds them itself).
+"""
+
+import logging as python_logging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and formats.")
+config_flags.DEFINE_config_file("config", None, "Training configuration (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "Index of this process (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with a one-line error for a --config.<field> that does not exist
+    or a value of the wrong type."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"f8net_jax: {e}")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        from configs import default
+
+        reference = default.get_config()
+        for arg in argv[1:]:
+            if arg.startswith("--config."):
+                path = arg[len("--config."):].split("=", 1)[0]
+                node = reference
+                for part in path.split("."):
+                    if not hasattr(node, "keys") or part not in node:
+                        sys.exit(f"f8net_jax: config field {path!r} does not exist: see the "
+                                 f"fields of configs/default.py")
+                    node = node[part]
+        sys.exit(f"f8net_jax: bad --config value: {e}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Orbax reports every checkpoint step at INFO; keep the console to our own lines.
+    logging.get_absl_logger().addFilter(
+        lambda record: "/orbax/" not in record.pathname or record.levelno >= python_logging.WARNING)
+    import jax
+
+    if FLAGS.coordinator_address:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
+    from f8net_jax import train
+
+    logging.info("JAX process %d of %d, local devices %s", jax.process_index(),
+                 jax.process_count(), jax.local_devices())
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"f8net_jax: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,399 @@
+"""Training and evaluation: train state, pmapped steps, the loop, checkpoints, logging.
+
+    state = create_train_state(rng, config, model, image_shape)
+    p_train_step = jax.pmap(partial(train_step, model=model), axis_name="batch")
+
+The train step is one pure function of (state, batch): forward in train mode (batch
+statistics, batch formats), cross-entropy, straight-through gradients, then the mean over
+all devices of the gradients, the BatchNorm statistics and the running formats, and the
+optax update. ``train_and_evaluate`` runs the loop, evaluates every epoch, writes metrics
+and per-layer formats, and checkpoints into the workdir, resuming from its latest
+checkpoint with the same data order.
+"""
+
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, metrics, periodic_actions
+from flax import jax_utils
+from flax.training import train_state
+
+from f8net_jax import data as data_lib
+from f8net_jax import models
+from f8net_jax.layers import QuantConfig
+
+MUTABLE = ("batch_stats", "quant_stats")
+OPTIMIZERS = ("sgd", "adam")
+WEIGHT_DECAY_SCHEMES = ("all", "no_depthwise_no_bn")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any
+    quant_stats: Any
+
+
+@flax.struct.dataclass
+class Metrics(metrics.Collection):
+    """Top-1 accuracy and mean loss over the (masked) examples of all devices."""
+    accuracy: metrics.Accuracy
+    loss: metrics.Average.from_output("loss")
+
+
+# --------------------------------------------------------------------------------------
+# Configuration.
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, naming the field, on values the run cannot use."""
+    from configs import default  # the reference set of fields
+
+    reference = default.get_config()
+
+    def walk(cfg, ref, prefix=""):
+        for key in cfg.keys():
+            if key not in ref:
+                raise ValueError(f"config field {prefix}{key!r} does not exist; the fields are "
+                                 f"{sorted(ref.keys())} (configs/default.py)")
+            if isinstance(ref[key], ml_collections.ConfigDict):
+                walk(cfg[key], ref[key], f"{prefix}{key}.")
+
+    walk(config, reference)
+    if config.model not in models.MODEL_NAMES:
+        raise ValueError(f"config.model must be one of {list(models.MODEL_NAMES)}, "
+                         f"got {config.model!r}")
+    for field, allowed in (("optimizer", OPTIMIZERS), ("weight_decay_scheme", WEIGHT_DECAY_SCHEMES),
+                           ("lr_schedule", LR_SCHEDULES)):
+        if config[field] not in allowed:
+            raise ValueError(f"config.{field} must be one of {list(allowed)}, got {config[field]!r}")
+    if config.batch_size % jax.device_count():
+        raise ValueError(f"config.batch_size {config.batch_size} is not divisible by the "
+                         f"{jax.device_count()} devices: use a multiple of {jax.device_count()}")
+    if config.num_epochs <= 0 and config.num_train_steps <= 0:
+        raise ValueError("set config.num_epochs or config.num_train_steps to a positive value")
+    if config.init_from and not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
+        raise FileNotFoundError(f"config.init_from {config.init_from!r} holds no checkpoints: "
+                                f"give the workdir of a finished float run")
+    quant_config(config)  # validates the quant fields
+
+
+def quant_config(config) -> QuantConfig:
+    """The model's QuantConfig; batch statistics span the pmap axis 'batch' when
+    config.sync_batch_stats (the default)."""
+    quant = QuantConfig.from_config(config.quant)
+    if config.get("sync_batch_stats", True):
+        quant = dataclasses.replace(quant, batch_axis_name="batch")
+    return quant
+
+
+def create_model(config, num_classes: int):
+    kwargs = {}
+    if config.model.startswith("mobilenet"):
+        kwargs["width_multiplier"] = config.width_multiplier
+    return models.create(config.model, num_classes=num_classes, quant=quant_config(config),
+                         **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# Optimization.
+
+
+def learning_rate_fn(config, steps_per_epoch: int, total_steps: int):
+    """The official rule: above batch 256 the base lr is scaled by batch / 256, reached by a
+    linear warm-up over ``warmup_epochs`` that starts from the unscaled value; then cosine
+    decay per step. At batch 256 or less: the base lr, no warm-up."""
+    base, batch = config.learning_rate, config.batch_size
+    if batch > 256:
+        peak, warmup = base * batch / 256, int(config.warmup_epochs * steps_per_epoch)
+    else:
+        peak, warmup = base, 0
+    warmup = min(warmup, total_steps)
+    if config.lr_schedule == "constant":
+        decay = optax.constant_schedule(peak)
+    else:
+        decay = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules(
+        [optax.linear_schedule(peak * 256 / batch, peak, warmup), decay], [warmup])
+
+
+def weight_decay_mask(params, scheme: str):
+    """'all': every parameter. 'no_depthwise_no_bn' (official): conv kernels other than
+    depthwise ones (one input channel per filter) and the classifier kernel only; not
+    BatchNorm, biases or alpha."""
+    def decays(path, p):
+        if scheme == "all":
+            return True
+        return (p.ndim == 4 and p.shape[2] != 1) or (p.ndim == 2)
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def create_optimizer(config, lr_fn, params):
+    if config.optimizer == "sgd":
+        opt = optax.sgd(lr_fn, momentum=config.momentum or None, nesterov=config.nesterov)
+    else:
+        opt = optax.adam(lr_fn)
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay,
+                                  weight_decay_mask(params, config.weight_decay_scheme)), opt)
+
+
+def create_train_state(rng, config, model, image_shape, lr_fn) -> TrainState:
+    """Initial variables (one jitted init on a dummy batch) and the optimizer state."""
+    variables = jax.jit(lambda rng: model.init(
+        rng, jnp.zeros((1,) + tuple(image_shape), jnp.uint8), train=False))(rng)
+    tx = create_optimizer(config, lr_fn, variables["params"])
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}),
+                             quant_stats=variables.get("quant_stats", {}))
+
+
+# --------------------------------------------------------------------------------------
+# Steps (pmapped over the local devices, axis 'batch').
+
+
+def unreplicate(tree):
+    """The first device's copy of a pmapped output (works for any subset of devices)."""
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+
+def cross_entropy(logits, labels, mask):
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def train_step(state: TrainState, batch, *, model):
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats,
+                     "quant_stats": state.quant_stats}
+        logits, new_state = model.apply(variables, batch["image"], train=True,
+                                        mutable=list(MUTABLE))
+        return cross_entropy(logits, batch["label"], batch["mask"]), (logits, new_state)
+
+    (loss, (logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, "batch")
+    new_state = jax.lax.pmean(new_state, "batch")
+    state = state.apply_gradients(grads=grads, batch_stats=new_state["batch_stats"],
+                                  quant_stats=new_state.get("quant_stats", state.quant_stats))
+    return state, _metrics(logits, batch, jnp.broadcast_to(loss, batch["mask"].shape))
+
+
+def _metrics(logits, batch, losses) -> Metrics:
+    """Metrics of this device's examples, summed over all devices (an Average is a total
+    and a count)."""
+    local = Metrics.single_from_model_output(logits=logits, labels=batch["label"],
+                                             loss=losses, mask=batch["mask"])
+    return jax.tree_util.tree_map(lambda x: jax.lax.psum(x, "batch"), local)
+
+
+def eval_step(state: TrainState, batch, *, model):
+    variables = {"params": state.params, "batch_stats": state.batch_stats,
+                 "quant_stats": state.quant_stats}
+    logits, sown = model.apply(variables, batch["image"], train=False, mutable=["formats"])
+    # Fixed-point eval logits are in the classifier's accumulator units; the loss is taken
+    # on logits in training units (the argmax, hence the accuracy, is the same).
+    scale = sown.get("formats", {}).get("classifier", {}).get("logit_scale", (1.0,))[0]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits * scale, batch["label"])
+    return _metrics(logits, batch, losses)
+
+
+def layer_formats(model, state: TrainState, image_shape) -> dict:
+    """Per layer of a fixed-point model: input fraclen, weight fraclen and alpha, as the
+    eval forward uses them (formats depend on the variables, not on the images)."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats,
+                 "quant_stats": state.quant_stats}
+    _, sown = jax.jit(lambda v: model.apply(v, jnp.zeros((1,) + tuple(image_shape), jnp.uint8),
+                                            train=False, mutable=["formats"]))(variables)
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(sown.get("formats", {})))
+    table: dict = {}
+    for path, values in flat.items():
+        layer = "/".join(path[:-1])
+        value = np.asarray(values[0])
+        table.setdefault(layer, {})[path[-1]] = (value.tolist() if value.ndim else float(value))
+    return table
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True,
+                                             enable_async_checkpointing=False))
+
+
+def _restore_float_weights(state: TrainState, init_from: str) -> TrainState:
+    """Params and batch_stats of another run's latest checkpoint; alphas it lacks (a plain
+    float run) keep their initial value."""
+    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(init_from, "checkpoints")))
+    step = mngr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"config.init_from {init_from!r} holds no checkpoint")
+    source = mngr.restore(step, args=ocp.args.StandardRestore())
+    merged = {}
+    for col in ("params", "batch_stats"):
+        ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(getattr(state, col)))
+        theirs = flax.traverse_util.flatten_dict(source[col])
+        missing = [k for k in ours if k not in theirs and k[-1] != "alpha"]
+        if missing:
+            raise ValueError(f"config.init_from {init_from!r} is not a checkpoint of this model: "
+                             f"it lacks {'/'.join(missing[0])}")
+        for k, v in theirs.items():
+            if k in ours and np.shape(v) != np.shape(ours[k]):
+                raise ValueError(f"config.init_from: {col}/{'/'.join(k)} has shape "
+                                 f"{np.shape(v)}, expected {np.shape(ours[k])}")
+        merged[col] = flax.traverse_util.unflatten_dict(
+            {k: jnp.asarray(theirs.get(k, v)) for k, v in ours.items()})
+    logging.info("Initialized params and batch_stats from %s (step %d)", init_from, step)
+    return state.replace(params=merged["params"], batch_stats=merged["batch_stats"])
+
+
+# --------------------------------------------------------------------------------------
+# The loop.
+
+
+def _write_formats(writer, tensorboard, step: int, formats: dict, workdir: str) -> None:
+    lines = ["| layer | input fl | weight fl | alpha |", "| --- | --- | --- | --- |"]
+    for layer, f in formats.items():
+        alpha = f"{f['alpha']:.4g}" if "alpha" in f else ""
+        lines.append(f"| {layer} | {f.get('input_fraclen', '')} | {f.get('weight_fraclen')} | "
+                     f"{alpha} |")
+        tensorboard.write_scalars(step, {f"formats/{layer}/{k}": v for k, v in f.items()
+                                         if isinstance(v, float)})
+    writer.write_texts(step, {"formats": "\n" + "\n".join(lines)})
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "formats.json"), "w") as f:
+            json.dump({"step": step, "layers": formats}, f, indent=1)
+
+
+def _check_finite(pending, last_good: Optional[int], workdir: str) -> None:
+    """Raises on the first non-finite training loss among the pending (step, metrics)."""
+    for step, step_metrics in pending:
+        loss = float(step_metrics.loss.compute())
+        if not math.isfinite(loss):
+            kept = (f"the last good checkpoint (step {last_good}) is kept in "
+                    f"{os.path.join(workdir, 'checkpoints')}" if last_good is not None
+                    else "no checkpoint was written")
+            raise FloatingPointError(f"training loss is {loss} at step {step}: stopping; {kept}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       data: Optional[data_lib.InputData] = None) -> dict:
+    """Trains and evaluates ``config`` in ``workdir``; resumes from its latest checkpoint.
+
+    ``data`` replaces the dataset named by the config (any ``InputData``, e.g. from
+    ``data.from_arrays``). Returns the last evaluation's metrics.
+    """
+    check_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    if data is None:
+        data = data_lib.create(config, local_devices=jax.local_device_count(),
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
+    model = create_model(config, data.num_classes)
+    steps_per_epoch = data.steps_per_epoch
+    total_steps = (config.num_train_steps if config.num_train_steps > 0
+                   else int(config.num_epochs * steps_per_epoch))
+    lr_fn = learning_rate_fn(config, steps_per_epoch, total_steps)
+
+    state = create_train_state(jax.random.PRNGKey(config.seed), config, model, data.image_shape,
+                               lr_fn)
+    mngr = _checkpoint_manager(workdir, config)
+    start = mngr.latest_step()
+    if start is not None:
+        state = mngr.restore(start, args=ocp.args.StandardRestore(state))
+        logging.info("Resumed from %s at step %d", workdir, start)
+    else:
+        start = 0
+        if config.init_from:
+            state = _restore_float_weights(state, config.init_from)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
+
+    # Metrics go to TensorBoard (process 0) and the console; per-layer formats to
+    # TensorBoard, formats.json and one console table per evaluation.
+    tensorboard = (metric_writers.SummaryWriter(workdir) if jax.process_index() == 0
+                   else metric_writers.MultiWriter([]))
+    writer = metric_writers.MultiWriter([tensorboard, metric_writers.LoggingWriter()])
+    p_train = jax.pmap(functools.partial(train_step, model=model), axis_name="batch",
+                       donate_argnums=(0,))
+    p_eval = jax.pmap(functools.partial(eval_step, model=model), axis_name="batch")
+    fixed = quant_config(config).fixed
+
+    def evaluate(state, step):
+        collected = None
+        for i, batch in enumerate(data.eval_batches()):
+            if 0 <= config.eval_batches <= i:
+                break
+            m = unreplicate(p_eval(state, batch))
+            collected = m if collected is None else collected.merge(m)
+        result = {f"eval_{k}": float(v) for k, v in collected.compute().items()}
+        writer.write_scalars(step, result)
+        if fixed:
+            _write_formats(writer, tensorboard, step, layer_formats(model, unreplicate(state),
+                                                       data.image_shape), workdir)
+        writer.flush()
+        return result
+
+    if start >= total_steps:
+        logging.info("Training already finished at step %d; evaluating only.", start)
+        return evaluate(jax_utils.replicate(state), start)
+
+    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+    state = jax_utils.replicate(state)
+    result, pending, train_metrics, last_good = {}, [], None, start or None
+    step = start
+    t0 = time.time()
+    epoch, offset = divmod(start, steps_per_epoch)
+    while step < total_steps:
+        for batch in data.train_batches(epoch, offset):
+            state, step_metrics = p_train(state, batch)
+            step += 1
+            step_metrics = unreplicate(step_metrics)
+            pending.append((step, step_metrics))
+            train_metrics = (step_metrics if train_metrics is None
+                             else train_metrics.merge(step_metrics))
+            report(step)
+            end_of_epoch = step % steps_per_epoch == 0
+            checkpoint = (step == total_steps or end_of_epoch
+                          or (config.checkpoint_every_steps > 0
+                              and step % config.checkpoint_every_steps == 0))
+            if step % config.log_every_steps == 0 or checkpoint:
+                _check_finite(pending, last_good, workdir)
+                pending = []
+                scalars = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()}
+                writer.write_scalars(step, {**scalars, "learning_rate": float(lr_fn(step - 1))})
+                train_metrics = None
+            if checkpoint:
+                mngr.save(step, args=ocp.args.StandardSave(unreplicate(state)))
+                mngr.wait_until_finished()
+                last_good = step
+            if step == total_steps or (end_of_epoch and (step // steps_per_epoch)
+                                       % config.eval_every_epochs == 0):
+                result = evaluate(state, step)
+            if step >= total_steps:
+                break
+        epoch, offset = epoch + 1, 0
+    logging.info("Trained %d steps in %.1f s", step - start, time.time() - t0)
+    writer.flush()
+    mngr.close()
+    return result
