@@ -289,10 +289,15 @@ def _check_finite(pending, last_good: Optional[int], workdir: str) -> None:
     for step, step_metrics in pending:
         loss = float(step_metrics.loss.compute())
         if not math.isfinite(loss):
-            kept = (f"the last good checkpoint (step {last_good}) is kept in "
-                    f"{os.path.join(workdir, 'checkpoints')}" if last_good is not None
-                    else "no checkpoint was written")
-            raise FloatingPointError(f"training loss is {loss} at step {step}: stopping; {kept}")
+            raise FloatingPointError(f"training loss is {loss} at step {step}: stopping; "
+                                     + _kept(last_good, workdir))
+
+
+def _kept(last_good: Optional[int], workdir: str) -> str:
+    if last_good is None:
+        return "no checkpoint was written"
+    return (f"the last good checkpoint (step {last_good}) is kept in "
+            f"{os.path.join(workdir, 'checkpoints')}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -359,6 +364,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return evaluate(jax_utils.replicate(state), start)
 
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+    # Throughput of the training steps alone: from the end of the first (compiling) step,
+    # without the time spent in evaluation and checkpointing.
+    timing = {"start": None, "other": 0.0}
     state = jax_utils.replicate(state)
     result, pending, train_metrics, last_good = {}, [], None, start or None
     step = start
@@ -368,6 +376,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         for batch in data.train_batches(epoch, offset):
             state, step_metrics = p_train(state, batch)
             step += 1
+            if timing["start"] is None:
+                jax.block_until_ready(step_metrics)
+                timing["start"], first_step = time.time(), step
             step_metrics = unreplicate(step_metrics)
             pending.append((step, step_metrics))
             train_metrics = (step_metrics if train_metrics is None
@@ -383,17 +394,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 scalars = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()}
                 writer.write_scalars(step, {**scalars, "learning_rate": float(lr_fn(step - 1))})
                 train_metrics = None
+            other_start = time.time()
             if checkpoint:
-                mngr.save(step, args=ocp.args.StandardSave(unreplicate(state)))
+                host_state = jax.device_get(unreplicate(state))
+                if not all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(
+                        (host_state.params, host_state.batch_stats))):
+                    raise FloatingPointError(
+                        f"non-finite parameters at step {step}: stopping; "
+                        + _kept(last_good, workdir))
+                mngr.save(step, args=ocp.args.StandardSave(host_state))
                 mngr.wait_until_finished()
                 last_good = step
             if step == total_steps or (end_of_epoch and (step // steps_per_epoch)
                                        % config.eval_every_epochs == 0):
                 result = evaluate(state, step)
+            timing["other"] += time.time() - other_start
             if step >= total_steps:
                 break
         epoch, offset = epoch + 1, 0
-    logging.info("Trained %d steps in %.1f s", step - start, time.time() - t0)
+    jax.block_until_ready(state)
+    train_time = time.time() - timing["start"] - timing["other"]
+    if step > first_step and train_time > 0:
+        result["train_images_per_sec"] = (step - first_step) * data.global_batch_size / train_time
+    logging.info("Trained %d steps in %.1f s (%.0f images/s)", step - start, time.time() - t0,
+                 result.get("train_images_per_sec", float("nan")))
     writer.flush()
     mngr.close()
     return result

@@ -12,11 +12,16 @@ def stem_input_kind(quant: QuantConfig) -> str:
     return "signed" if quant.normalized_input else "image"
 
 
-def prepare_image(x, *, total_stride: int, model: str):
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def prepare_image(x, *, total_stride: int, model: str, normalize: bool = False):
     """Checks an NHWC image batch and returns it as float32.
 
-    uint8 pixels p become p / 256 (the value of p stored at fl 8, exact); float input is
-    taken as the value the stem reads (pixels / 256, or a normalized image). The spatial
+    uint8 pixels p become p / 256 (the value of p stored at fl 8, exact), or, with
+    ``normalize``, (p / 255 - mean) / std with ImageNet's channel statistics (their mean
+    for other channel counts). Float input is taken as the value the stem reads. The spatial
     size must be a positive multiple of the model's total stride, so that every
     downsampling halves exactly and the global pool sees a whole window.
     """
@@ -28,7 +33,12 @@ def prepare_image(x, *, total_stride: int, model: str):
             f"{model}: image size {height}x{width} is not allowed: height and width must be "
             f"positive multiples of {total_stride} (e.g. {8 * total_stride if total_stride >= 32 else 32})")
     if x.dtype == jnp.uint8:
-        return x.astype(jnp.float32) / 256.0
+        if not normalize:
+            return x.astype(jnp.float32) / 256.0
+        three = x.shape[-1] == 3
+        mean = jnp.asarray(IMAGENET_MEAN if three else sum(IMAGENET_MEAN) / 3, jnp.float32)
+        std = jnp.asarray(IMAGENET_STD if three else sum(IMAGENET_STD) / 3, jnp.float32)
+        return (x.astype(jnp.float32) / 255.0 - mean) / std
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{model}: images must be uint8 pixels or float, got dtype {x.dtype}")
     return x.astype(jnp.float32)

@@ -46,7 +46,8 @@ class MobileNetV1(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         q = self.quant
-        x = prepare_image(x, total_stride=self.total_stride, model=type(self).__name__)
+        x = prepare_image(x, total_stride=self.total_stride, model=type(self).__name__,
+                          normalize=self.quant.normalized_input)
         width = lambda c: make_divisible(c * self.width_multiplier)
         channels = width(32)
         readers = [QuantConvBN(x.shape[-1], channels, 3, q, strides=2,
@@ -120,7 +121,8 @@ class MobileNetV2(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         q, w = self.quant, self.width_multiplier
-        x = prepare_image(x, total_stride=self.total_stride, model=type(self).__name__)
+        x = prepare_image(x, total_stride=self.total_stride, model=type(self).__name__,
+                          normalize=self.quant.normalized_input)
         channels = make_divisible(32 * w)
         stem = QuantConvBN(x.shape[-1], channels, 3, q, strides=2,
                            input_kind=stem_input_kind(q), name="stem")

@@ -111,7 +111,8 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = prepare_image(x, total_stride=self.total_stride, model=type(self).__name__)
+        x = prepare_image(x, total_stride=self.total_stride, model=type(self).__name__,
+                          normalize=self.quant.normalized_input)
         stem, blocks, classifier = self._layers(x.shape[-1])
         alphas, scales = scale_plan([stem, *blocks, classifier])
         x = stem(x, alpha=alphas[0], out_scale=scales[1], train=train)

@@ -1,0 +1,19 @@
+"""ResNet-20 on Fashion-MNIST (offline: Debian's dataset-fashion-mnist), sized for a CPU.
+
+Shared by fashion_mnist_resnet20_fp.py and fashion_mnist_resnet20_f8.py.
+"""
+
+from configs import default
+
+
+def fashion_mnist_config(mode: str):
+    config = default.get_config()
+    config.model = "resnet20"
+    config.quant.mode = mode
+    config.dataset = "fashion_mnist_offline"
+    config.image_size = 28
+    config.batch_size = 128
+    config.weight_decay = 1e-4
+    config.log_every_steps = 100
+    config.eval_every_epochs = 1
+    return config

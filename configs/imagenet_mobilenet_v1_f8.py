@@ -1,0 +1,11 @@
+"""MobileNet V1, F8Net fixed point from the full-precision run (72.8 top-1 in the paper).
+
+    python -m f8net_jax.main --config=configs/imagenet_mobilenet_v1_f8.py --workdir=$WORKDIR --config.init_from=<workdir of imagenet_mobilenet_v1_fp> \
+        --config.data_dir=<tfds data dir holding imagenet2012>
+"""
+
+from configs.imagenet_common import imagenet_config
+
+
+def get_config():
+    return imagenet_config("mobilenet_v1", "fixed", learning_rate=0.05, weight_decay_scheme="all")

@@ -1,0 +1,11 @@
+"""MobileNet V2, full precision with PACT clipping (72.7 top-1 in the paper).
+
+    python -m f8net_jax.main --config=configs/imagenet_mobilenet_v2_fp.py --workdir=$WORKDIR \
+        --config.data_dir=<tfds data dir holding imagenet2012>
+"""
+
+from configs.imagenet_common import imagenet_config
+
+
+def get_config():
+    return imagenet_config("mobilenet_v2", "float", learning_rate=0.1, weight_decay_scheme="no_depthwise_no_bn")

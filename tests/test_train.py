@@ -1,0 +1,288 @@
+"""The training system: data parallelism, checkpoints and resume, logging, bad input."""
+
+import dataclasses
+import glob
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import flax
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import default, smoke
+from f8net_jax import data as data_lib
+from f8net_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_script(args, env=None, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["float", "fixed"])
+def test_pmap_over_four_devices_matches_one_device(mode):
+    out = run_script(["tests/scripts/pmap_equivalence.py", mode],
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4 and report["params_moved"] > 1e-3
+    for step in report["steps"]:
+        # Formats come from statistics over the global batch: identical on every split.
+        assert step["quant_stats"] == 0.0
+    if mode == "float":
+        for step in report["steps"]:
+            assert step["params"] < 1e-5 and step["batch_stats"] < 1e-5, report
+    else:
+        # Fixed point is discontinuous: an ulp of difference in a batch statistic can move a
+        # weight across a rounding tie. After one step the parameters still agree closely.
+        assert report["steps"][0]["params"] < 1e-2, report
+
+
+def small_config(**overrides):
+    config = default.get_config()
+    config.dataset = "synthetic"
+    config.channels = 1
+    config.image_size = 8
+    config.batch_size = 16
+    config.synthetic_train_size = 96   # 6 steps per epoch
+    config.synthetic_eval_size = 24
+    config.num_epochs = 2
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 4
+    config.quant.rescale_classifier = False
+    config.learning_rate = 0.05
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def latest_params(workdir):
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    restored = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())
+    return mngr.latest_step(), restored
+
+
+def killed_at(data, steps):
+    """The same data, whose training stream dies after ``steps`` batches, like a killed job."""
+    left = [steps]
+
+    def train_batches(epoch, start=0):
+        for batch in data.train_batches(epoch, start):
+            if left[0] == 0:
+                raise KeyboardInterrupt("killed")
+            left[0] -= 1
+            yield batch
+
+    return dataclasses.replace(data, train_batches=train_batches)
+
+
+def make_data(config):
+    return data_lib.create(config, local_devices=jax.local_device_count())
+
+
+def test_killed_run_resumes_from_its_last_checkpoint_with_the_same_data_order(tmp_path):
+    config = small_config()
+    straight = str(tmp_path / "straight")
+    train.train_and_evaluate(config, straight)
+    killed = str(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, killed, data=killed_at(make_data(config), 7))
+    step, _ = latest_params(killed)
+    assert step == 6  # checkpoints at 4 and at the end of epoch 1 (6)
+    train.train_and_evaluate(config, killed)
+    (s1, a), (s2, b) = latest_params(straight), latest_params(killed)
+    assert s1 == s2 == 12
+    for col in ("params", "batch_stats", "quant_stats"):
+        for x, y in zip(jax.tree_util.tree_leaves(a[col]), jax.tree_util.tree_leaves(b[col])):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_smoke_run_writes_checkpoints_events_and_formats_and_does_not_retrain(tmp_path):
+    workdir = str(tmp_path / "smoke")
+    result = train.train_and_evaluate(smoke.get_config(), workdir)
+    assert 0.0 <= result["eval_accuracy"] <= 1.0 and np.isfinite(result["eval_loss"])
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
+    assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+    formats = json.load(open(os.path.join(workdir, "formats.json")))
+    assert formats["step"] == 12
+    assert formats["layers"]["stem"]["input_fraclen"] == 8.0
+    assert 0 <= formats["layers"]["classifier"]["weight_fraclen"] <= 7
+    assert json.load(open(os.path.join(workdir, "config.json")))["dataset"] == "mnist5k"
+    stamp = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))}
+    again = train.train_and_evaluate(smoke.get_config(), workdir)
+    assert again["eval_accuracy"] == result["eval_accuracy"]
+    assert {p: os.path.getmtime(p) for p in stamp} == stamp
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path / "nan")
+    train.train_and_evaluate(small_config(num_train_steps=4, checkpoint_every_steps=2), workdir)
+    # The same run continued with an exploding learning rate.
+    config = small_config(num_train_steps=8, checkpoint_every_steps=1, log_every_steps=1,
+                          learning_rate=1e30)
+    with pytest.raises(FloatingPointError) as error:
+        train.train_and_evaluate(config, workdir)
+    match = re.fullmatch(r"(training loss is (nan|inf)|non-finite parameters) at step (\d+): "
+                         r"stopping; the last good checkpoint \(step (\d+)\) is kept in (.*)",
+                         str(error.value))
+    assert match, str(error.value)
+    failed, kept = int(match.group(3)), int(match.group(4))
+    assert 4 <= kept < failed <= 8
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    assert mngr.latest_step() == kept
+    for step in mngr.all_steps():
+        restored = mngr.restore(step, args=ocp.args.StandardRestore())
+        assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(restored["params"]))
+
+
+def test_fixed_point_run_initialized_from_a_float_run(tmp_path):
+    float_dir = str(tmp_path / "fp")
+    config = small_config(num_epochs=1)
+    config.quant.mode = "float"
+    train.train_and_evaluate(config, float_dir)
+    _, fp_state = latest_params(float_dir)
+    f8 = small_config(num_train_steps=1, learning_rate=0.0, init_from=float_dir)
+    model = train.create_model(f8, 10)
+    state = train.create_train_state(jax.random.PRNGKey(1), f8, model, (8, 8, 1),
+                                     optax.constant_schedule(0.0))
+    state = train._restore_float_weights(state, float_dir)
+    ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(state.params))
+    theirs = flax.traverse_util.flatten_dict(fp_state["params"])
+    assert set(ours) == set(theirs)  # float with clipping: the same tree, alphas included
+    for k in ours:
+        np.testing.assert_array_equal(ours[k], theirs[k])
+
+
+def test_learning_rate_follows_the_official_rule():
+    config = default.get_config()
+    config.learning_rate, config.batch_size, config.warmup_epochs = 0.1, 2048, 5
+    lr = train.learning_rate_fn(config, steps_per_epoch=10, total_steps=150)
+    assert float(lr(0)) == pytest.approx(0.1)            # starts from the unscaled value
+    assert float(lr(25)) == pytest.approx(0.45)          # linear warm-up, halfway
+    assert float(lr(50)) == pytest.approx(0.8)           # peak: 0.1 * 2048 / 256
+    assert float(lr(100)) == pytest.approx(0.4)          # cosine, halfway through the decay
+    assert float(lr(150)) == pytest.approx(0.0, abs=1e-7)
+    config.batch_size = 256
+    lr = train.learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
+    assert float(lr(0)) == pytest.approx(0.1) and float(lr(50)) == pytest.approx(0.05)
+
+
+def test_weight_decay_scheme_excludes_depthwise_batchnorm_and_alpha():
+    params = {"conv": {"kernel": np.zeros((3, 3, 4, 8)), "scale": np.zeros(8),
+                       "bias": np.zeros(8), "input": {"alpha": np.zeros(())}},
+              "dw": {"kernel": np.zeros((3, 3, 1, 8))},
+              "classifier": {"kernel": np.zeros((8, 10)), "bias": np.zeros(10)}}
+    mask = flax.traverse_util.flatten_dict(train.weight_decay_mask(params, "no_depthwise_no_bn"))
+    assert {"/".join(k) for k, v in mask.items() if v} == {"conv/kernel", "classifier/kernel"}
+    assert all(flax.traverse_util.flatten_dict(train.weight_decay_mask(params, "all")).values())
+
+
+@pytest.mark.parametrize("field, value, error, match", [
+    ("model", "vgg16", ValueError, r"config.model must be one of \['resnet18'"),
+    ("optimizer", "lamb", ValueError, r"config.optimizer must be one of \['sgd', 'adam'\]"),
+    ("weight_decay_scheme", "bn", ValueError, "config.weight_decay_scheme must be one of"),
+    ("init_from", "/nonexistent/run", FileNotFoundError, "config.init_from .* holds no checkpoints"),
+    ("quant.mode", "int4", ValueError, r"mode must be one of \['float', 'fixed'\]"),
+])
+def test_bad_config_values_fail_before_compiling(field, value, error, match):
+    config = small_config()
+    node, *rest = field.split(".")
+    if rest:
+        config[node][rest[0]] = value
+    else:
+        config[node] = value
+    with pytest.raises(error, match=match):
+        train.check_config(config)
+
+
+def test_unknown_config_field_is_named():
+    config = small_config()
+    with config.unlocked():
+        config.learning_rat = 0.1
+    with pytest.raises(ValueError, match="config field 'learning_rat' does not exist"):
+        train.check_config(config)
+
+
+def test_batch_size_must_divide_over_devices():
+    with pytest.raises(ValueError, match="batch_size 10 is not divisible by the number of devices 4"):
+        data_lib.synthetic(image_shape=(8, 8, 1), num_classes=2, train_size=40, eval_size=8,
+                           global_batch_size=10, local_devices=4, seed=0)
+
+
+def test_data_errors_name_the_field(tmp_path):
+    config = small_config(dataset="mnist5k", data_dir=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="data_dir .* does not exist: set --config.data_dir"):
+        make_data(config)
+    config = small_config(dataset="fashion_mnist_offline", fashion_mnist_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        make_data(config)
+    config = small_config(dataset="no_such_dataset_abc")
+    with pytest.raises(ValueError, match="unknown dataset 'no_such_dataset_abc'"):
+        make_data(config)
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "f8net_jax.main", "--config=configs/smoke.py",
+            f"--workdir={tmp_path}"]
+    for extra, message in ((["--config.learnig_rate=0.1"], "config field 'learnig_rate' does not exist"),
+                           (["--config.model=resnet99"], "config.model must be one of")):
+        out = subprocess.run(base + extra, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode != 0
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("f8net_jax: ") and message in last, out.stderr[-2000:]
+
+
+def test_offline_mnist5k_and_synthetic_data_are_deterministic():
+    config = small_config(dataset="mnist5k", image_size=28, batch_size=100)
+    data = make_data(config)
+    assert (data.train_size, data.eval_size, data.num_classes) == (4000, 1000, 10)
+    first = next(data.train_batches(0, 0))
+    again = next(make_data(config).train_batches(0, 0))
+    np.testing.assert_array_equal(first["image"], again["image"])
+    assert first["image"].dtype == np.uint8 and first["image"].shape[-3:] == (28, 28, 1)
+    later = next(data.train_batches(0, 3))
+    np.testing.assert_array_equal(later["label"], list(data.train_batches(0, 0))[3]["label"])
+    assert not np.array_equal(next(data.train_batches(1, 0))["label"], first["label"])
+    eval_labels = np.concatenate([b["label"][b["mask"]] for b in data.eval_batches()])
+    assert np.bincount(eval_labels).tolist() == [100] * 10
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_offline_reads_the_idx_files():
+    from f8net_jax.data import builders
+    images, labels = builders.fashion_mnist_arrays(builders.FASHION_MNIST_DIR, "test")
+    assert images.shape == (10000, 28, 28, 1) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [1000] * 10
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed_complete_the_smoke_config(tmp_path):
+    port = 12000 + os.getpid() % 1000
+    procs = []
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for pid in range(2):
+        cmd = [sys.executable, "-m", "f8net_jax.main", "--config=configs/smoke.py",
+               f"--workdir={tmp_path / 'dist'}", f"--coordinator_address=127.0.0.1:{port}",
+               "--num_processes=2", f"--process_id={pid}"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert "eval_accuracy" in outputs[0]
+    assert os.path.isdir(tmp_path / "dist" / "checkpoints" / "12")
