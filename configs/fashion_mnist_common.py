@@ -14,6 +14,10 @@ def fashion_mnist_config(mode: str):
     config.image_size = 28
     config.batch_size = 128
     config.weight_decay = 1e-4
+    # The official classifier rescaling (1/sqrt(classes) / std(w), with its N(0, 0.01)
+    # init) is sized for 1000 classes; with 10 it multiplies the classifier's effective
+    # learning rate by ~1000 and training stalls (32% vs 87% test top-1 after 300 steps).
+    config.quant.rescale_classifier = False
     config.log_every_steps = 100
     config.eval_every_epochs = 1
     return config

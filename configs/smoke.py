@@ -15,6 +15,7 @@ def get_config():
     config.batch_size = 32
     config.num_train_steps = 12
     config.learning_rate = 0.05
+    config.quant.rescale_classifier = False  # sized for 1000 classes (fashion_mnist_common.py)
     config.log_every_steps = 4
     config.checkpoint_every_steps = 6
     config.eval_batches = 4

@@ -230,7 +230,17 @@ def _conv(x, kernel, strides, padding, groups, precision=None):
         precision=precision)
 
 
-class QuantConvBN(nn.Module):
+class _Reader:
+    """The reader interface of a layer with an ``input`` quantizer (see scale_plan)."""
+
+    def own_alpha(self):
+        return self.input.own_alpha()
+
+    def input_scale(self, alpha):
+        return self.input.input_scale(alpha)
+
+
+class QuantConvBN(_Reader, nn.Module):
     """Conv (no bias) + BatchNorm whose output is in its consumer's units (METHOD.md 4).
 
     Fixed point, training: x_q = Q(x; fl) with the batch's format; a first pass
@@ -267,13 +277,6 @@ class QuantConvBN(nn.Module):
         self.var = self.variable("batch_stats", "var", jnp.ones, (self.features,), jnp.float32)
         self.input = InputQuantizer(kind=self.input_kind, owns_alpha=self.owns_alpha,
                                     quant=self.quant)
-
-    # The reader interface (see scale_plan).
-    def own_alpha(self):
-        return self.input.own_alpha()
-
-    def input_scale(self, alpha):
-        return self.input.input_scale(alpha)
 
     def _conv(self, x, kernel, precision=None):
         groups = self.features if self.depthwise else 1
@@ -317,7 +320,7 @@ class QuantConvBN(nn.Module):
         return self._conv(x_q, w_q, precision=jax.lax.Precision.HIGHEST) + b_f
 
 
-class QuantDense(nn.Module):
+class QuantDense(_Reader, nn.Module):
     """The classifier, the last consumer (METHOD.md 4).
 
     Fixed point, training: y = s * ws * (Q(x) @ Q(w)) + b, ws the constant rescaling of
@@ -346,12 +349,6 @@ class QuantDense(nn.Module):
         self.bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         self.input = InputQuantizer(kind=self.input_kind, owns_alpha=self.owns_alpha,
                                     quant=self.quant)
-
-    def own_alpha(self):
-        return self.input.own_alpha()
-
-    def input_scale(self, alpha):
-        return self.input.input_scale(alpha)
 
     def _rescale(self, kernel):
         if not self.quant.rescale_classifier:

@@ -364,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return evaluate(jax_utils.replicate(state), start)
 
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-    # Throughput of the training steps alone: from the end of the first (compiling) step,
+    # Throughput of the training steps alone: from the end of the second (compiling) step,
     # without the time spent in evaluation and checkpointing.
     timing = {"start": None, "other": 0.0}
     state = jax_utils.replicate(state)
@@ -376,7 +376,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         for batch in data.train_batches(epoch, offset):
             state, step_metrics = p_train(state, batch)
             step += 1
-            if timing["start"] is None:
+            if timing["start"] is None and step - start == min(2, total_steps - start):
+                # The first two steps compile (the second sees pmap-output arrays).
                 jax.block_until_ready(step_metrics)
                 timing["start"], first_step = time.time(), step
             step_metrics = unreplicate(step_metrics)
@@ -413,8 +414,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 break
         epoch, offset = epoch + 1, 0
     jax.block_until_ready(state)
-    train_time = time.time() - timing["start"] - timing["other"]
-    if step > first_step and train_time > 0:
+    train_time = time.time() - (timing["start"] or 0.0) - timing["other"]
+    if timing["start"] is not None and step > first_step and train_time > 0:
         result["train_images_per_sec"] = (step - first_step) * data.global_batch_size / train_time
     logging.info("Trained %d steps in %.1f s (%.0f images/s)", step - start, time.time() - t0,
                  result.get("train_images_per_sec", float("nan")))
