@@ -230,8 +230,9 @@ def _conv(x, kernel, strides, padding, groups, precision=None):
         precision=precision)
 
 
-class _Reader:
-    """The reader interface of a layer with an ``input`` quantizer (see scale_plan)."""
+class Reader:
+    """The reader interface (see scale_plan) of a module whose ``input`` is the
+    InputQuantizer of the stream it reads."""
 
     def own_alpha(self):
         return self.input.own_alpha()
@@ -240,7 +241,7 @@ class _Reader:
         return self.input.input_scale(alpha)
 
 
-class QuantConvBN(_Reader, nn.Module):
+class QuantConvBN(Reader, nn.Module):
     """Conv (no bias) + BatchNorm whose output is in its consumer's units (METHOD.md 4).
 
     Fixed point, training: x_q = Q(x; fl) with the batch's format; a first pass
@@ -320,7 +321,7 @@ class QuantConvBN(_Reader, nn.Module):
         return self._conv(x_q, w_q, precision=jax.lax.Precision.HIGHEST) + b_f
 
 
-class QuantDense(_Reader, nn.Module):
+class QuantDense(Reader, nn.Module):
     """The classifier, the last consumer (METHOD.md 4).
 
     Fixed point, training: y = s * ws * (Q(x) @ Q(w)) + b, ws the constant rescaling of

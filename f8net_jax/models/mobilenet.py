@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from f8net_jax.layers import (QuantConfig, QuantConvBN, QuantDense, global_average_pool,
-                              run_readers, scale_plan)
+from f8net_jax.layers import (QuantConfig, QuantConvBN, QuantDense, Reader,
+                              global_average_pool, run_readers, scale_plan)
 from f8net_jax.models.common import prepare_image, stem_input_kind
 
 
@@ -65,7 +65,7 @@ class MobileNetV1(nn.Module):
         return classifier(x, alpha=alphas[-1], input_factor=factor, train=train)
 
 
-class InvertedResidual(nn.Module):
+class InvertedResidual(Reader, nn.Module):
     """Expand 1x1 (if expand_ratio > 1), depthwise 3x3, linear project 1x1; plus the input
     when the shape is unchanged. A reader of its input stream (see layers.scale_plan)."""
 
@@ -94,11 +94,10 @@ class InvertedResidual(nn.Module):
         layers.append(QuantConvBN(hidden, self.features, 1, q))
         self.layers = layers
 
-    def own_alpha(self):
-        return self.layers[0].own_alpha()
-
-    def input_scale(self, alpha):
-        return self.layers[0].input_scale(alpha)
+    @property
+    def input(self):
+        """The quantizer of the block's input (its first conv's): the reader interface."""
+        return self.layers[0].input
 
     def __call__(self, x, *, alpha, out_scale, train: bool):
         # The hidden layers read unsigned inputs: their quantizers apply the ReLU (clip).

@@ -16,12 +16,12 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from f8net_jax.layers import (QuantConfig, QuantConvBN, QuantDense, global_average_pool,
-                              max_pool, run_readers, scale_plan)
+from f8net_jax.layers import (QuantConfig, QuantConvBN, QuantDense, Reader,
+                              global_average_pool, max_pool, run_readers, scale_plan)
 from f8net_jax.models.common import prepare_image, stem_input_kind
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(Reader, nn.Module):
     """A basic block (two 3x3 convs) or a bottleneck (1x1, 3x3, 1x1 with 4x expansion);
     output relu(body(x) + shortcut(x)).
 
@@ -61,11 +61,10 @@ class ResidualBlock(nn.Module):
             self.shortcut = QuantConvBN(self.in_features, self.features, 1, q,
                                         strides=self.strides, owns_alpha=False)
 
-    def own_alpha(self):
-        return self.body[0].own_alpha()
-
-    def input_scale(self, alpha):
-        return self.body[0].input_scale(alpha)
+    @property
+    def input(self):
+        """The quantizer of the block's input (its first conv's): the reader interface."""
+        return self.body[0].input
 
     def __call__(self, x, *, alpha, out_scale, train: bool):
         y = run_readers(self.body, x, alpha=alpha, out_scale=out_scale, train=train)
