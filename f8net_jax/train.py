@@ -28,12 +28,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, metrics, periodic_actions
+from clu import metrics
 from flax import jax_utils
 from flax.training import train_state
 
 from f8net_jax import data as data_lib
-from f8net_jax import models
+from f8net_jax import models, writers
 from f8net_jax.layers import QuantConfig
 
 MUTABLE = ("batch_stats", "quant_stats")
@@ -336,9 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # Metrics go to TensorBoard (process 0) and the console; per-layer formats to
     # TensorBoard, formats.json and one console table per evaluation.
-    tensorboard = (metric_writers.SummaryWriter(workdir) if jax.process_index() == 0
-                   else metric_writers.MultiWriter([]))
-    writer = metric_writers.MultiWriter([tensorboard, metric_writers.LoggingWriter()])
+    writer, tensorboard, report = writers.create(workdir, is_chief=jax.process_index() == 0,
+                                                 num_train_steps=total_steps)
     p_train = jax.pmap(functools.partial(train_step, model=model), axis_name="batch",
                        donate_argnums=(0,))
     p_eval = jax.pmap(functools.partial(eval_step, model=model), axis_name="batch")
@@ -363,7 +362,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.info("Training already finished at step %d; evaluating only.", start)
         return evaluate(jax_utils.replicate(state), start)
 
-    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     # Throughput of the training steps alone: from the end of the second (compiling) step,
     # without the time spent in evaluation and checkpointing.
     timing = {"start": None, "other": 0.0}

@@ -165,6 +165,15 @@ def test_fixed_point_run_initialized_from_a_float_run(tmp_path):
         np.testing.assert_array_equal(ours[k], theirs[k])
 
 
+def test_training_runs_without_tensorflow(tmp_path):
+    out = run_script(["tests/scripts/train_without_tensorflow.py", str(tmp_path / "no_tf")])
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0.0 <= report["result"]["eval_accuracy"] <= 1.0
+    assert {"checkpoints", "metrics.jsonl", "formats.json"} <= set(report["files"])
+    lines = [json.loads(l) for l in open(tmp_path / "no_tf" / "metrics.jsonl")]
+    assert any("train_loss" in l for l in lines) and any("eval_accuracy" in l for l in lines)
+
+
 def test_learning_rate_follows_the_official_rule():
     config = default.get_config()
     config.learning_rate, config.batch_size, config.warmup_epochs = 0.1, 2048, 5
