@@ -37,8 +37,6 @@ def images_per_second(mode: str, args) -> float:
     batch = {"image": rng.integers(0, 256, (devices, per_device) + shape, dtype=np.uint8),
              "label": rng.integers(0, args.num_classes, (devices, per_device)).astype(np.int32),
              "mask": np.ones((devices, per_device), bool)}
-    batch = jax.device_put_sharded([{k: v[i] for k, v in batch.items()} for i in range(devices)],
-                                   jax.local_devices())
     for _ in range(2):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
