@@ -317,6 +317,7 @@ class QuantConvBN(Reader, nn.Module):
         if not train:
             b_f = folding.round_bias(b_f, in_fraclen + w_fraclen)
         _sow_formats(self, in_fraclen, w_fraclen, alpha)
+        self.sow("folded", "weight", w_f)
         # Exact in float32: products of two 8-bit grids, sums below 2^24 in integer units.
         return self._conv(x_q, w_q, precision=jax.lax.Precision.HIGHEST) + b_f
 
@@ -365,6 +366,7 @@ class QuantDense(Reader, nn.Module):
         w_q = fp.quantize(self.kernel, w_fraclen, signed=True, bits=q.bits)
         ws = self._rescale(w_q)
         _sow_formats(self, in_fraclen, w_fraclen, alpha)
+        self.sow("folded", "weight", self.kernel)
         scale = in_scale * input_factor * ws  # one constant: logits = scale * (Q(x) @ Q(w))
         hi = jax.lax.Precision.HIGHEST
         if train:

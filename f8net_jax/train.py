@@ -33,7 +33,7 @@ from flax import jax_utils
 from flax.training import train_state
 
 from f8net_jax import data as data_lib
-from f8net_jax import models, writers
+from f8net_jax import analysis, models, writers
 from f8net_jax.layers import QuantConfig
 
 MUTABLE = ("batch_stats", "quant_stats")
@@ -213,22 +213,6 @@ def eval_step(state: TrainState, batch, *, model):
     return _metrics(logits, batch, losses)
 
 
-def layer_formats(model, state: TrainState, image_shape) -> dict:
-    """Per layer of a fixed-point model: input fraclen, weight fraclen and alpha, as the
-    eval forward uses them (formats depend on the variables, not on the images)."""
-    variables = {"params": state.params, "batch_stats": state.batch_stats,
-                 "quant_stats": state.quant_stats}
-    _, sown = jax.jit(lambda v: model.apply(v, jnp.zeros((1,) + tuple(image_shape), jnp.uint8),
-                                            train=False, mutable=["formats"]))(variables)
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(sown.get("formats", {})))
-    table: dict = {}
-    for path, values in flat.items():
-        layer = "/".join(path[:-1])
-        value = np.asarray(values[0])
-        table.setdefault(layer, {})[path[-1]] = (value.tolist() if value.ndim else float(value))
-    return table
-
-
 # --------------------------------------------------------------------------------------
 # Checkpoints.
 
@@ -281,7 +265,8 @@ def _write_formats(writer, tensorboard, step: int, formats: dict, workdir: str) 
     writer.write_texts(step, {"formats": "\n" + "\n".join(lines)})
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "formats.json"), "w") as f:
-            json.dump({"step": step, "layers": formats}, f, indent=1)
+            json.dump({"step": step, "layers": formats}, f, indent=1,
+                      default=lambda a: np.asarray(a).tolist())
 
 
 def _check_finite(pending, last_good: Optional[int], workdir: str) -> None:
@@ -353,8 +338,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         result = {f"eval_{k}": float(v) for k, v in collected.compute().items()}
         writer.write_scalars(step, result)
         if fixed:
-            _write_formats(writer, tensorboard, step, layer_formats(model, unreplicate(state),
-                                                       data.image_shape), workdir)
+            host = unreplicate(state)
+            variables = {"params": host.params, "batch_stats": host.batch_stats,
+                         "quant_stats": host.quant_stats}
+            _write_formats(writer, tensorboard, step,
+                           analysis.layer_formats(model, variables, data.image_shape), workdir)
         writer.flush()
         return result
 
