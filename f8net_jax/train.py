@@ -335,6 +335,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 break
             m = unreplicate(p_eval(state, batch))
             collected = m if collected is None else collected.merge(m)
+        if collected is None:
+            raise ValueError("evaluation saw no batch: config.eval_batches must be -1 or "
+                             "positive, and the eval split must not be empty")
         result = {f"eval_{k}": float(v) for k, v in collected.compute().items()}
         writer.write_scalars(step, result)
         if fixed:
@@ -395,7 +398,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if step == total_steps or (end_of_epoch and (step // steps_per_epoch)
                                        % config.eval_every_epochs == 0):
                 result = evaluate(state, step)
-            timing["other"] += time.time() - other_start
+            if timing["start"] is not None:
+                timing["other"] += time.time() - other_start
             if step >= total_steps:
                 break
         epoch, offset = epoch + 1, 0

@@ -1,7 +1,6 @@
 """The quantized layers against a direct numpy computation of METHOD.md 4, and their state."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -4,7 +4,6 @@ import pathlib
 import re
 import sys
 
-import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "notebooks"))
 import run_notebooks  # noqa: E402
