@@ -82,7 +82,10 @@ class QuantConfig:
                 raise ValueError(f"{name} must be a pair (bits, fraclen), got {value!r}")
             object.__setattr__(self, name, tuple(value))
         bits = self.weight_format[0]
-        if bits != self.input_format[0] or bits != 8 and self.format_rule != "grid":
+        if bits != self.input_format[0]:
+            raise ValueError(f"weight_format and input_format must have the same bits, got "
+                             f"{self.weight_format} and {self.input_format}")
+        if bits != 8 and self.format_rule != "grid":
             raise ValueError(
                 f"weight_format and input_format must have 8 bits with format_rule "
                 f"{self.format_rule!r} (its constants are fitted for 8 bits); got "

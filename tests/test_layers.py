@@ -219,14 +219,17 @@ def test_bad_layer_options_raise():
     ("mode", "int8", r"mode must be one of \['float', 'fixed'\]"),
     ("format_rule", "max", r"format_rule must be one of \['std', 'mae', 'rms', 'grid'\]"),
     ("granularity", "tensor", r"granularity must be one of \['layer', 'channel'\]"),
-    ("weight_format", (4, 3), "must have 8 bits with format_rule 'std'"),
+    ("weight_format", (4, 3), "must have the same bits"),
+    ("formats", ((4, 3), (4, 3)), "must have 8 bits with format_rule 'std'"),
     ("weight_format", (8, 8), r"fraclen must be in \[0, 7\]"),
     ("input_format", (8, 9), r"input_format fraclen must be in \[0, 8\]"),
     ("format_momentum", 0.0, r"format_momentum must be in \(0, 1\]"),
 ])
 def test_quant_config_rejects_bad_values(field, value, match):
+    kwargs = ({"weight_format": value[0], "input_format": value[1]} if field == "formats"
+              else {field: value})
     with pytest.raises(ValueError, match=match):
-        QuantConfig(**{field: value})
+        QuantConfig(**kwargs)
 
 
 def test_quant_config_from_ml_collections():

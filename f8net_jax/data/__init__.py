@@ -49,6 +49,15 @@ class InputData:
         return self.train_size // self.global_batch_size
 
 
+def host_batch_size(global_batch_size: int, local_devices: int, process_count: int) -> int:
+    """This host's share of a global batch, which must split evenly over all devices."""
+    if global_batch_size % (local_devices * process_count):
+        raise ValueError(
+            f"batch_size {global_batch_size} is not divisible by the number of devices "
+            f"{local_devices * process_count}: set --config.batch_size to a multiple of it")
+    return global_batch_size // process_count
+
+
 def _split_for_devices(array: np.ndarray, devices: int) -> np.ndarray:
     return array.reshape((devices, -1) + array.shape[1:])
 
@@ -73,11 +82,7 @@ def from_arrays(name: str, train: tuple, eval: tuple, *, num_classes: int,
                              f"{images.shape}")
         if len(images) != len(labels):
             raise ValueError(f"{name} {split}: {len(images)} images but {len(labels)} labels")
-    if global_batch_size % (local_devices * process_count):
-        raise ValueError(
-            f"batch_size {global_batch_size} is not divisible by the number of devices "
-            f"{local_devices * process_count}: set --config.batch_size to a multiple of it")
-    host_batch = global_batch_size // process_count
+    host_batch = host_batch_size(global_batch_size, local_devices, process_count)
     if len(train_images) < global_batch_size:
         raise ValueError(f"{name}: batch_size {global_batch_size} exceeds the {len(train_images)} "
                          f"training images: lower --config.batch_size")

@@ -102,11 +102,7 @@ def streamed(config, *, global_batch_size, local_devices, seed, process_index=0,
              process_count=1) -> data_lib.InputData:
     """ImageNet-style streaming input (JPEG-encoded images), sharded by host."""
     builder = _builder(config)
-    if global_batch_size % (local_devices * process_count):
-        raise ValueError(
-            f"batch_size {global_batch_size} is not divisible by the number of devices "
-            f"{local_devices * process_count}: set --config.batch_size to a multiple of it")
-    host_batch = global_batch_size // process_count
+    host_batch = data_lib.host_batch_size(global_batch_size, local_devices, process_count)
     size = config.image_size
     decoders = {"image": tfds.decode.SkipDecoding()}
     train_split = tfds.even_splits(config.train_split, n=process_count)[process_index]
