@@ -319,6 +319,7 @@ class QuantConvBN(Reader, nn.Module):
         w_q = fp.quantize(w_f, w_fraclen, signed=True, bits=q.bits, axis=axis)
         if not train:
             b_f = folding.round_bias(b_f, in_fraclen + w_fraclen)
+            self.sow("folded", "bias", b_f)  # eval: on the accumulator's grid
         _sow_formats(self, in_fraclen, w_fraclen, alpha)
         self.sow("folded", "weight", w_f)
         # Exact in float32: products of two 8-bit grids, sums below 2^24 in integer units.
@@ -376,6 +377,7 @@ class QuantDense(Reader, nn.Module):
             return scale * jnp.matmul(x_q, w_q, precision=hi) + self.bias
         bias = folding.round_bias(self.bias / scale, in_fraclen + w_fraclen)
         self.sow("formats", "logit_scale", scale)  # eval logits * this = train units
+        self.sow("folded", "bias", bias)
         return jnp.matmul(x_q, w_q, precision=hi) + bias
 
 

@@ -1,0 +1,72 @@
+"""An audit of a jaxpr for integer-only, 8-bit-multiply-only arithmetic.
+
+Walks every equation, nested jaxprs included (jit, custom rules, control flow), and lists:
+* any float or complex value (inputs, constants, outputs of any equation);
+* any multiplication (mul, integer_pow, reduce_prod, cumprod, conv_general_dilated,
+  dot_general) with an operand wider than 8 bits;
+* any division or remainder.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from jax import core as jax_core
+
+try:  # jax >= 0.4.30 keeps the internal classes here
+    from jax.extend import core as _ext_core
+    _JAXPR_TYPES = (_ext_core.Jaxpr, _ext_core.ClosedJaxpr)
+except (ImportError, AttributeError):  # pragma: no cover
+    _JAXPR_TYPES = (jax_core.Jaxpr, jax_core.ClosedJaxpr)
+
+MULTIPLIES = ("mul", "integer_pow", "reduce_prod", "cumprod", "conv_general_dilated",
+              "dot_general")
+DIVISIONS = ("div", "rem")
+
+
+def _dtype(var):
+    aval = getattr(var, "aval", None)
+    return getattr(aval, "dtype", None)
+
+
+def _is_float(dtype) -> bool:
+    return dtype is not None and (np.issubdtype(dtype, np.floating)
+                                  or np.issubdtype(dtype, np.complexfloating))
+
+
+def _subjaxprs(value):
+    if isinstance(value, _JAXPR_TYPES):
+        yield value.jaxpr if hasattr(value, "consts") else value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _subjaxprs(v)
+
+
+def audit(jaxpr) -> list:
+    """The violations found in a (closed) jaxpr, as readable strings; [] if it is clean."""
+    problems: list = []
+    root = jaxpr.jaxpr if hasattr(jaxpr, "consts") else jaxpr
+
+    def visit(j, where):
+        for var in list(j.invars) + list(j.constvars):
+            if _is_float(_dtype(var)):
+                problems.append(f"{where}: float input {var} ({_dtype(var)})")
+        for eqn in j.eqns:
+            name = eqn.primitive.name
+            for var in list(eqn.invars) + list(eqn.outvars):
+                if _is_float(_dtype(var)):
+                    problems.append(f"{where}: {name} uses float {_dtype(var)}")
+                    break
+            if name in MULTIPLIES:
+                wide = [str(_dtype(v)) for v in eqn.invars
+                        if _dtype(v) is not None and np.dtype(_dtype(v)).itemsize > 1]
+                if wide:
+                    problems.append(f"{where}: {name} multiplies operands wider than 8 bits "
+                                    f"({', '.join(wide)})")
+            if name in DIVISIONS:
+                problems.append(f"{where}: {name} (division)")
+            for param in eqn.params.values():
+                for sub in _subjaxprs(param):
+                    visit(sub, f"{where}/{name}")
+
+    visit(root, "executor")
+    return problems

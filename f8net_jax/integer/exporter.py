@@ -1,0 +1,369 @@
+"""From a trained fixed-point model to an integer program (docs/METHOD.md 6 and 8).
+
+The eval forward of the simulation reports, per layer, its formats, the folded weight W_f
+and the bias already rounded to the accumulator's grid ('formats' and 'folded'
+collections). The integer program stores q_w = round(W_f * 2^fl_w) as int8 and the bias
+times 2^(fl_in + fl_w) as int32, and wires the layers as the model does: requantize each
+layer's input from its producer's format to its own, align the operands of a residual add
+by left shifts, sum for the average pool (the shift is a change of format, so pooling never
+rounds: it computes exactly what the simulation computes).
+
+Static check. Every tensor carries per-channel bounds [lo, hi] of its integers, derived
+from the operand ranges (8-bit inputs in their full range, the actual int8 weights and
+biases). A layer's accumulator bound is max(|lo|, |hi|) of conv + bias. Below 2^24 the
+simulation's float32 arithmetic is exact (products of 8-bit integers, every partial sum an
+integer below 2^24); below 2^31 int32 cannot overflow. Where a bound reaches 2^31 the op is
+marked 'saturate' and the executor saturates instead of wrapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from f8net_jax import analysis, folding, layers, models
+from f8net_jax.integer.program import IntegerProgram
+from f8net_jax.models import common
+
+INT32_MAX = 2 ** 31 - 1
+FLOAT_EXACT = 2 ** 24
+UNSIGNED, SIGNED = (0, 255), (-127, 127)
+
+
+def _quant_config(config) -> layers.QuantConfig:
+    quant = _field(config, "quant", None)
+    if isinstance(quant, layers.QuantConfig):
+        return quant
+    if quant is None:
+        raise ValueError("config has no 'quant' field: pass the training config")
+    return layers.QuantConfig.from_config(quant)
+
+
+def _field(config, name, default):
+    if isinstance(config, Mapping):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def _check(name: str, op: str, bound: int, partial: int = 0) -> dict:
+    """The static check of one accumulating op: its worst-case magnitude in integer units
+    (``partial``: of the product sums before the bias), float32 exactness, int32 safety."""
+    return {"layer": name, "op": op, "accumulator_bound": int(bound),
+            "float32_exact": bool(max(bound, partial) < FLOAT_EXACT),
+            "int32_safe": bool(bound <= INT32_MAX)}
+
+
+class _Builder:
+    """Appends ops and keeps, per tensor, its kind, per-channel fraclen and bounds."""
+
+    def __init__(self, table: dict):
+        self.table = table
+        self.ops: list = []
+        self.tensors: dict = {}
+        self.arrays: dict = {}
+        self.bounds: dict = {}  # name -> (lo, hi) int64 per channel
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def _tensor(self, name, kind, fraclen, lo, hi):
+        if name in self.tensors:
+            raise ValueError(f"tensor {name!r} is written twice")
+        fraclen = np.asarray(fraclen, np.int64)
+        lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+        self.tensors[name] = {"kind": kind, "channels": int(fraclen.size),
+                              "fraclen": [int(v) for v in fraclen],
+                              "bound": int(max(np.max(np.abs(lo)), np.max(np.abs(hi))))}
+        self.bounds[name] = (lo, hi)
+        return name
+
+    def fraclen(self, name) -> np.ndarray:
+        return np.asarray(self.tensors[name]["fraclen"], np.int64)
+
+    def layer(self, name) -> dict:
+        if name not in self.table:
+            raise ValueError(f"the model reports no layer {name!r}: is the checkpoint from "
+                             f"another architecture?")
+        return self.table[name]
+
+    # -- ops -----------------------------------------------------------------------------
+    def image(self, channels: int, normalized: bool, stem: str, fold_table=None):
+        if not normalized:
+            self.ops.append({"op": "image", "in": [], "out": "image"})
+            return self._tensor("image", "unsigned", [8] * channels, [0] * channels,
+                                [255] * channels)
+        fl = int(self.layer(stem)["input_fraclen"])
+        key = f"{stem}/table"
+        self.arrays[key] = fold_table(fl)
+        self.ops.append({"op": "lookup", "in": [], "out": "image", "table": key})
+        return self._tensor("image", "signed", [fl] * channels, self.arrays[key].min(1),
+                            self.arrays[key].max(1))
+
+    def input(self, src: str, layer: str, signed: bool) -> str:
+        """``layer``'s quantized input read from ``src`` (requantized to its format)."""
+        fl = int(self.layer(layer)["input_fraclen"])
+        kind = "signed" if signed else "unsigned"
+        t = self.tensors[src]
+        if t["kind"] != "int32":
+            if t["kind"] != kind or set(t["fraclen"]) != {fl}:
+                raise ValueError(f"{layer} reads the 8-bit tensor {src!r} ({t['kind']}, "
+                                 f"fraclen {t['fraclen'][0]}) as {kind} at fraclen {fl}")
+            return src
+        shift = self.fraclen(src) - fl
+        lo, hi = SIGNED if signed else UNSIGNED
+        out = f"{layer}/input"
+        self.ops.append({"op": "requantize", "in": [src], "out": out, "signed": signed,
+                         "shift": [int(s) for s in shift]})
+        return self._tensor(out, kind, [fl] * t["channels"], [lo] * t["channels"],
+                            [hi] * t["channels"])
+
+    def _accumulate(self, op: dict, name: str, src: str, q_w: np.ndarray, bias: np.ndarray,
+                    w_fraclen: np.ndarray, reduce_axes: tuple):
+        t = self.tensors[src]
+        signed = t["kind"] == "signed"
+        lo_in, hi_in = SIGNED if signed else UNSIGNED
+        w = q_w.astype(np.int64)
+        pos = np.sum(np.maximum(w, 0), axis=reduce_axes)
+        neg = np.sum(np.minimum(w, 0), axis=reduce_axes)
+        raw_hi, raw_lo = hi_in * pos + lo_in * neg, lo_in * pos + hi_in * neg
+        lo, hi = raw_lo + bias, raw_hi + bias
+        bound = int(max(np.max(np.abs(lo)), np.max(np.abs(hi))))
+        raw = int(max(np.max(np.abs(raw_lo)), np.max(np.abs(raw_hi))))
+        # Unsigned inputs travel as int8 u - 128: conv(u, w) = conv(u - 128, w) + 128 sum(w).
+        offset = not signed
+        total_bias = bias + (128 * np.sum(w, axis=reduce_axes) if offset else 0)
+        saturate = bound > INT32_MAX or np.max(np.abs(total_bias)) > INT32_MAX
+        self.arrays[f"{name}/weight"] = q_w.astype(np.int8)
+        self.arrays[f"{name}/bias"] = np.clip(total_bias, -INT32_MAX, INT32_MAX).astype(np.int32)
+        in_fl = int(t["fraclen"][0])
+        acc_fl = in_fl + w_fraclen
+        op.update({"name": name, "in": [src], "out": name, "weight": f"{name}/weight",
+                   "bias": f"{name}/bias", "offset": offset, "saturate": bool(saturate),
+                   "input_fraclen": in_fl, "weight_fraclen": [int(v) for v in w_fraclen],
+                   "check": _check(name, "conv" if "groups" in op else "dense", bound, raw)})
+        self.ops.append(op)
+        return self._tensor(name, "int32", acc_fl, np.clip(lo, -INT32_MAX, INT32_MAX),
+                            np.clip(hi, -INT32_MAX, INT32_MAX))
+
+    def _weights(self, name: str, weight: np.ndarray, channels: int):
+        entry = self.layer(name)
+        w_fl = np.broadcast_to(np.asarray(entry["weight_fraclen"], np.int64), (channels,))
+        in_fl = int(entry["input_fraclen"])
+        w = np.asarray(weight, np.float32)
+        # As fp.quantize: x * 2^fl is exact in float32, round half to even, saturate.
+        q_w = np.clip(np.round(w * np.exp2(w_fl).astype(np.float32)), -127, 127)
+        acc_fl = in_fl + w_fl
+        b = np.asarray(entry["bias"], np.float64) * np.exp2(acc_fl.astype(np.float64))
+        if not np.array_equal(b, np.round(b)):
+            raise ValueError(f"{name}: the reported bias is not on the accumulator's grid")
+        return q_w, np.clip(b, -INT32_MAX, INT32_MAX).astype(np.int64), w_fl
+
+    def conv(self, name: str, src: str, *, strides: int, depthwise: bool = False) -> str:
+        entry = self.layer(name)
+        if int(entry["input_fraclen"]) != self.tensors[src]["fraclen"][0]:
+            raise ValueError(f"{name}: input format mismatch")
+        weight = np.asarray(entry["weight"])
+        k, _, _, features = weight.shape
+        q_w, bias, w_fl = self._weights(name, weight, features)
+        op = {"op": "conv", "strides": int(strides), "padding": k // 2,
+              "groups": features if depthwise else 1}
+        return self._accumulate(op, name, src, q_w, bias, w_fl, (0, 1, 2))
+
+    def dense(self, name: str, src: str) -> str:
+        weight = np.asarray(self.layer(name)["weight"])
+        q_w, bias, w_fl = self._weights(name, weight, weight.shape[1])
+        return self._accumulate({"op": "dense"}, name, src, q_w, bias, w_fl, (0,))
+
+    def relu(self, src: str) -> str:
+        out = f"{src}/relu"
+        self.ops.append({"op": "relu", "in": [src], "out": out})
+        lo, hi = self.bounds[src]
+        return self._tensor(out, "int32", self.fraclen(src), np.maximum(lo, 0),
+                            np.maximum(hi, 0))
+
+    def add(self, name: str, a: str, b: str, *, relu: bool) -> str:
+        fa, fb = self.fraclen(a), self.fraclen(b)
+        fl = np.maximum(fa, fb)
+        (lo_a, hi_a), (lo_b, hi_b) = self.bounds[a], self.bounds[b]
+        sa, sb = fl - fa, fl - fb
+        lo = lo_a * 2 ** sa + lo_b * 2 ** sb
+        hi = hi_a * 2 ** sa + hi_b * 2 ** sb
+        bound = int(max(np.max(np.abs(lo)), np.max(np.abs(hi))))
+        self.ops.append({"op": "add", "name": name, "in": [a, b], "out": name,
+                         "shift": [[int(v) for v in sa], [int(v) for v in sb]],
+                         "relu": relu, "saturate": bound > INT32_MAX,
+                         "check": _check(name, "add", bound)})
+        lo, hi = np.clip(lo, -INT32_MAX, INT32_MAX), np.clip(hi, -INT32_MAX, INT32_MAX)
+        if relu:
+            lo, hi = np.maximum(lo, 0), np.maximum(hi, 0)
+        return self._tensor(name, "int32", fl, lo, hi)
+
+    def max_pool(self, src: str, window: int = 3, strides: int = 2, padding: int = 1) -> str:
+        self.ops.append({"op": "max_pool", "in": [src], "out": "max_pool", "window": window,
+                         "strides": strides, "padding": padding})
+        return self._tensor("max_pool", "int32", self.fraclen(src), *self.bounds[src])
+
+    def avg_pool(self, src: str, window: int) -> str:
+        shift = folding.pool_shift(window)
+        lo, hi = self.bounds[src]
+        lo, hi = lo * window, hi * window
+        bound = int(max(np.max(np.abs(lo)), np.max(np.abs(hi))))
+        self.ops.append({"op": "avg_pool", "name": "avg_pool", "in": [src], "out": "avg_pool",
+                         "shift": shift, "window": window, "saturate": bound > INT32_MAX,
+                         "check": _check("avg_pool", "avg_pool", bound)})
+        return self._tensor("avg_pool", "int32", self.fraclen(src) + shift,
+                            np.clip(lo, -INT32_MAX, INT32_MAX), np.clip(hi, -INT32_MAX, INT32_MAX))
+
+
+# --------------------------------------------------------------------------------------
+# The architectures, wired as in f8net_jax/models.
+
+
+def _resnet(b: _Builder, name: str, image: str, image_shape, params) -> str:
+    stages, bottleneck, cifar = models._RESNETS[name]
+    x = b.conv("stem", b.input(image, "stem", b.tensors[image]["kind"] == "signed"),
+               strides=1 if cifar else 2)
+    x = b.relu(x)
+    if not cifar:
+        x = b.max_pool(x)
+    for i, size in enumerate(stages):
+        for j in range(size):
+            block = f"stage{i + 1}_block{j + 1}"
+            strides = 2 if i > 0 and j == 0 else 1
+            body = sorted((k for k in params[block] if k.startswith("body_")),
+                          key=lambda k: int(k.split("_")[1]))
+            y = x
+            for k, layer in enumerate(body):
+                path = f"{block}/{layer}"
+                s = strides if (k == 1 if bottleneck else k == 0) else 1
+                y = b.conv(path, b.input(y, path, signed=False), strides=s)
+            if "shortcut" in params[block]:
+                path = f"{block}/shortcut"
+                skip = b.conv(path, b.input(x, path, signed=False), strides=strides)
+            else:
+                skip = x
+            x = b.add(block, y, skip, relu=True)
+    total_stride = 2 ** (len(stages) - 1) * (1 if cifar else 4)
+    x = b.avg_pool(x, (image_shape[0] // total_stride) * (image_shape[1] // total_stride))
+    return b.dense("classifier", b.input(x, "classifier", signed=False))
+
+
+def _mobilenet_v1(b: _Builder, image: str, image_shape, params) -> str:
+    # The ReLU after each layer is the next layer's unsigned requantization; only the last
+    # one, before the pool, is an op of its own.
+    x = b.conv("stem", b.input(image, "stem", b.tensors[image]["kind"] == "signed"), strides=2)
+    for i, (_, stride) in enumerate(models.MobileNetV1.SETTING):
+        dw, pw = f"layer{i + 1}_depthwise", f"layer{i + 1}_pointwise"
+        x = b.conv(dw, b.input(x, dw, signed=False), strides=stride, depthwise=True)
+        x = b.conv(pw, b.input(x, pw, signed=False), strides=1)
+    x = b.avg_pool(b.relu(x), (image_shape[0] // 32) * (image_shape[1] // 32))
+    return b.dense("classifier", b.input(x, "classifier", signed=False))
+
+
+def _mobilenet_v2(b: _Builder, image: str, image_shape, params) -> str:
+    x = b.conv("stem", b.input(image, "stem", b.tensors[image]["kind"] == "signed"), strides=2)
+    x = b.relu(x)
+    index = 0
+    for t, _, n, s in models.MobileNetV2.SETTING:
+        for j in range(n):
+            index += 1
+            block = f"block{index}"
+            names = sorted(params[block], key=lambda k: int(k.split("_")[1]))
+            strides = s if j == 0 else 1
+            signed = index > 1
+            y = x
+            for k, layer in enumerate(names):
+                path = f"{block}/{layer}"
+                depthwise = k == len(names) - 2
+                reads_block = k == 0
+                y = b.conv(path, b.input(y, path, signed=signed and reads_block),
+                           strides=strides if depthwise else 1, depthwise=depthwise)
+            in_c = b.tensors[x]["channels"]
+            identity = strides == 1 and in_c == b.tensors[y]["channels"]
+            x = b.add(block, y, x, relu=False) if identity else y
+    x = b.relu(b.conv("tail", b.input(x, "tail", signed=True), strides=1))
+    x = b.avg_pool(x, (image_shape[0] // 32) * (image_shape[1] // 32))
+    return b.dense("classifier", b.input(x, "classifier", signed=False))
+
+
+def _normalized_table(channels: int):
+    """The stem's input for a normalized image, per channel and pixel value, computed with
+    the simulation's own float ops: table[c, p] = round(norm_c(p) * 2^fl) saturated."""
+    from f8net_jax import fixed_point as fp
+
+    def table(fl: int) -> np.ndarray:
+        pixels = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, None, :, None],
+                                 (1, 1, 256, channels))
+        value = common.prepare_image(jnp.asarray(pixels), total_stride=1, model="table",
+                                     normalize=True)
+        q = fp.quantize(value, jnp.float32(fl), signed=True) * fp.pow2(fl)
+        return np.asarray(q, np.float32)[0, 0].T.astype(np.int8)  # [channels, 256]
+    return table
+
+
+def export(variables: Mapping[str, Any], model_name: str, config, *,
+           image_shape: Optional[tuple] = None) -> IntegerProgram:
+    """The integer program of a fixed-point model.
+
+    Args:
+      variables: the model's 'params', 'batch_stats' and 'quant_stats'.
+      model_name: one of models.MODEL_NAMES.
+      config: the training config (a ConfigDict or mapping with 'quant' and, for the
+        MobileNets, 'width_multiplier'; 'image_size' gives the default image shape).
+      image_shape: (height, width, channels) the program runs on; the global average pool's
+        shift depends on it.
+    """
+    if model_name not in models.MODEL_NAMES:
+        raise ValueError(f"model must be one of {list(models.MODEL_NAMES)}, got {model_name!r}")
+    quant = _quant_config(config)
+    if not quant.fixed:
+        raise ValueError("quant.mode is 'float': integer inference needs a fixed-point model "
+                         "(train with quant.mode='fixed')")
+    if quant.bits != 8:
+        raise ValueError(f"integer inference runs 8-bit formats, the model uses {quant.bits}")
+    quant = dataclasses.replace(quant, batch_axis_name=None)
+    missing = [c for c in ("params", "batch_stats", "quant_stats") if c not in variables]
+    if missing:
+        raise ValueError(f"variables lack {missing}: a fixed-point model has params, "
+                         f"batch_stats and quant_stats")
+    params = variables["params"]
+    num_classes = int(np.asarray(params["classifier"]["bias"]).shape[0])
+    channels = int(np.asarray(params["stem"]["kernel"]).shape[2])
+    if image_shape is None:
+        size = _field(config, "image_size", None)
+        if size is None:
+            raise ValueError("give image_shape or a config with image_size")
+        image_shape = (int(size), int(size), channels)
+    image_shape = tuple(int(d) for d in image_shape)
+    if len(image_shape) != 3 or image_shape[2] != channels:
+        raise ValueError(f"image_shape must be (height, width, {channels}), got {image_shape}")
+    width = float(_field(config, "width_multiplier", 1.0))
+    model = models.create(model_name, num_classes=num_classes, quant=quant,
+                          **({} if model_name.startswith("resnet") else
+                             {"width_multiplier": width}))
+    if image_shape[0] % model.total_stride or image_shape[1] % model.total_stride:
+        raise ValueError(f"image_shape {image_shape}: height and width must be multiples of "
+                         f"{model.total_stride} for {model_name}")
+    table = analysis.layer_formats(model, variables, image_shape,
+                                   collections=("formats", "folded"))
+    b = _Builder(table)
+    image = b.image(channels, quant.normalized_input, "stem", _normalized_table(channels))
+    if model_name.startswith("resnet"):
+        output = _resnet(b, model_name, image, image_shape, params)
+    elif model_name == "mobilenet_v1":
+        output = _mobilenet_v1(b, image, image_shape, params)
+    else:
+        output = _mobilenet_v2(b, image, image_shape, params)
+    checks = [op["check"] for op in b.ops if "check" in op]
+    info = {"quant": dataclasses.asdict(quant), "width_multiplier": width,
+            "max_accumulator_bound": max(c["accumulator_bound"] for c in checks),
+            "float32_inexact": [c["layer"] for c in checks if not c["float32_exact"]],
+            "saturating_ops": [op.get("name", op["out"]) for op in b.ops if op.get("saturate")]}
+    info["quant"]["weight_format"] = list(quant.weight_format)
+    info["quant"]["input_format"] = list(quant.input_format)
+    program = IntegerProgram(model=model_name, num_classes=num_classes, image_shape=image_shape,
+                             ops=b.ops, tensors=b.tensors, arrays=b.arrays, output=output,
+                             info=info)
+    program.validate()
+    return program

@@ -1,0 +1,202 @@
+"""The integer program: an op graph over named tensors, int8 weights, int32 biases and the
+formats, saved as a readable JSON file next to a .npz of its arrays (no pickle).
+
+Tensors have a kind: 'unsigned' (8-bit activations in [0, 255], carried as int8 offset by
+-128), 'signed' (int8 in [-127, 127]) or 'int32' (accumulators, residual streams, logits),
+and a fraclen per channel: tensor value = integer * 2^-fraclen.
+
+Ops (each a JSON object with 'op', 'in', 'out'):
+  image       uint8 pixels p -> 'unsigned' p at fl 8 (offset to int8)
+  lookup      uint8 pixels -> 'signed' int8 through a per-channel table (normalized input)
+  conv        8-bit input, int8 HWIO weight, int32 bias -> int32; explicit padding with the
+              input's zero, groups for depthwise; 'offset' inputs have 128 * sum(kernel)
+              folded into the bias
+  dense       8-bit input, int8 weight, int32 bias -> int32 (the logits)
+  requantize  int32 -> 8-bit: rounding right shift (half to even) or saturating left shift
+              per channel, then saturation to the 8-bit range (the ReLU of unsigned ones)
+  relu        int32 max(x, 0)
+  add         int32 + int32, each shifted left to the finer format first (alignment)
+  max_pool    int32 window max
+  avg_pool    int32 global sum; the value is the mean's sum * 2^-shift, so the format gains
+              'shift' fractional bits and no rounding happens here
+
+'saturate' on an op means the static check could not rule out leaving int32 there, so the
+executor uses saturating arithmetic (see ``exporter``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+FORMAT = "f8net_jax.integer_program"
+VERSION = 1
+KINDS = ("unsigned", "signed", "int32")
+OPS = ("image", "lookup", "conv", "dense", "requantize", "relu", "add", "max_pool", "avg_pool")
+ARRAY_DTYPES = {"weight": np.int8, "bias": np.int32, "table": np.int8}
+
+
+@dataclasses.dataclass
+class IntegerProgram:
+    """An exported model. ``ops`` run in order; ``tensors`` maps each tensor name to
+    {'kind', 'channels', 'fraclen' (a list per channel), 'bound' (the static worst-case
+    magnitude of its integers)}; ``arrays`` holds the weights, biases and tables;
+    ``output`` names the logits; ``info`` records the model, its quant config and
+    per-layer accumulator checks."""
+
+    model: str
+    num_classes: int
+    image_shape: tuple
+    ops: list
+    tensors: dict
+    arrays: dict
+    output: str
+    info: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def logits_fraclen(self) -> int:
+        fl = self.tensors[self.output]["fraclen"]
+        if len(set(fl)) != 1:
+            raise ValueError("the logits of this program do not share one format")
+        return int(fl[0])
+
+    def checks(self) -> list:
+        """Per accumulating op (conv, dense, residual add, average pool): its name, op,
+        worst-case magnitude in integer units, whether float32 is exact (below 2^24) and
+        whether int32 cannot overflow."""
+        return [op["check"] for op in self.ops if "check" in op]
+
+    def saturating_ops(self) -> list:
+        """Names of the ops whose worst case could leave int32 (saturation is used there)."""
+        return [op.get("name", op["out"]) for op in self.ops if op.get("saturate")]
+
+    def validate(self, source: str = "program") -> None:
+        """Raises ValueError naming ``source`` and the field if the program is malformed."""
+        def fail(msg):
+            raise ValueError(f"{source}: {msg}")
+        if len(self.image_shape) != 3 or not all(isinstance(d, int) and d > 0
+                                                 for d in self.image_shape):
+            fail(f"image_shape must be (height, width, channels), got {self.image_shape}")
+        known = set()
+        for i, op in enumerate(self.ops):
+            kind = op.get("op")
+            if kind not in OPS:
+                fail(f"op {i} has unknown type {kind!r}; allowed {list(OPS)}")
+            inputs = op.get("in", [])
+            for name in (inputs if isinstance(inputs, list) else [inputs]):
+                if name not in known and kind not in ("image", "lookup"):
+                    fail(f"op {i} ({kind}) reads tensor {name!r} before it is written")
+            out = op.get("out")
+            if out not in self.tensors:
+                fail(f"op {i} ({kind}) writes tensor {out!r}, which has no entry in 'tensors'")
+            known.add(out)
+            for field, dtype in ARRAY_DTYPES.items():
+                if field in op:
+                    array = self.arrays.get(op[field])
+                    if array is None:
+                        fail(f"op {i} ({kind}) needs array {op[field]!r}, which is missing")
+                    if array.dtype != dtype:
+                        fail(f"array {op[field]!r} must be {np.dtype(dtype).name}, "
+                             f"got {array.dtype}")
+        for name, tensor in self.tensors.items():
+            if tensor.get("kind") not in KINDS:
+                fail(f"tensor {name!r} has kind {tensor.get('kind')!r}; allowed {list(KINDS)}")
+            if len(tensor.get("fraclen", ())) != tensor.get("channels"):
+                fail(f"tensor {name!r} needs one fraclen per channel")
+        if self.output not in known:
+            fail(f"output {self.output!r} is not written by any op")
+
+
+def _paths(path: str) -> tuple[str, str]:
+    base = path[:-5] if path.endswith(".json") else path[:-4] if path.endswith(".npz") else path
+    return base + ".json", base + ".npz"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save(program: IntegerProgram, path: str) -> tuple[str, str]:
+    """Writes PATH.json (graph, formats, checks) and PATH.npz (arrays); a '.json' or '.npz'
+    suffix on ``path`` is dropped first. Both files appear whole or not at all. Returns
+    their paths."""
+    program.validate()
+    json_path, npz_path = _paths(path)
+    directory = os.path.dirname(os.path.abspath(json_path))
+    os.makedirs(directory, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, **program.arrays)
+    data = buffer.getvalue()
+    header = {
+        "format": FORMAT, "version": VERSION,
+        "model": program.model, "num_classes": program.num_classes,
+        "image_shape": list(program.image_shape), "output": program.output,
+        "arrays_file": os.path.basename(npz_path),
+        "arrays_sha256": hashlib.sha256(data).hexdigest(),
+        "info": program.info, "tensors": program.tensors, "ops": program.ops,
+    }
+    text = json.dumps(header, indent=1)
+    temps = []
+    mode = 0o666 & ~_umask()
+    try:
+        for target, payload in ((npz_path, data), (json_path, text.encode())):
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".partial")
+            temps.append((tmp, target))
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+            os.chmod(tmp, mode)
+        for tmp, target in temps:
+            os.replace(tmp, target)
+    finally:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return json_path, npz_path
+
+
+def load(path: str) -> IntegerProgram:
+    """Reads a program written by ``save`` (PATH, PATH.json or PATH.npz). Raises ValueError
+    naming the file for another format or version, a corrupt or mismatched file."""
+    json_path, npz_path = _paths(path)
+    if not os.path.exists(json_path):
+        raise FileNotFoundError(f"no integer program at {json_path}")
+    try:
+        with open(json_path) as f:
+            header: dict[str, Any] = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_path} is not a valid program file (corrupt JSON: {e})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError(f"{json_path} is not an f8net_jax integer program "
+                         f"(format {header.get('format') if isinstance(header, dict) else None!r})")
+    if header.get("version") != VERSION:
+        raise ValueError(f"{json_path} holds program version {header.get('version')!r}; this "
+                         f"f8net_jax reads version {VERSION}: export the model again")
+    npz_path = os.path.join(os.path.dirname(json_path), header.get("arrays_file", ""))
+    if not os.path.exists(npz_path):
+        raise FileNotFoundError(f"{json_path} refers to {npz_path}, which does not exist")
+    data = open(npz_path, "rb").read()
+    if hashlib.sha256(data).hexdigest() != header.get("arrays_sha256"):
+        raise ValueError(f"{npz_path} does not match {json_path} (checksum differs): the files "
+                         f"are corrupt or come from different exports")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        program = IntegerProgram(
+            model=header["model"], num_classes=int(header["num_classes"]),
+            image_shape=tuple(int(d) for d in header["image_shape"]), ops=header["ops"],
+            tensors=header["tensors"], arrays=arrays, output=header["output"],
+            info=header.get("info", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{json_path} is not a valid program file ({type(e).__name__}: {e})") \
+            from None
+    program.validate(json_path)
+    return program
