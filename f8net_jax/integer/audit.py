@@ -4,7 +4,11 @@ Walks every equation, nested jaxprs included (jit, custom rules, control flow), 
 * any float or complex value (inputs, constants, outputs of any equation);
 * any multiplication (mul, integer_pow, reduce_prod, cumprod, conv_general_dilated,
   dot_general) with an operand wider than 8 bits;
-* any division or remainder.
+* any division or remainder;
+* any custom call other than the known integer kernels: ``KERNELS`` names each one with
+  the operands it multiplies (which must be 8-bit) and the result dtypes it may have (the
+  kernel's source is then what multiplies: kernels/conv_u8s8.cc multiplies uint8 by int8
+  with vpdpbusd and adds int32).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ except (ImportError, AttributeError):  # pragma: no cover
 MULTIPLIES = ("mul", "integer_pow", "reduce_prod", "cumprod", "conv_general_dilated",
               "dot_general")
 DIVISIONS = ("div", "rem")
+# custom-call target: (indices of the multiplied operands, allowed result dtypes)
+KERNELS = {"f8net_conv_u8s8": ((0, 1), ("int32",))}
 
 
 def _dtype(var):
@@ -62,6 +68,20 @@ def audit(jaxpr) -> list:
                 if wide:
                     problems.append(f"{where}: {name} multiplies operands wider than 8 bits "
                                     f"({', '.join(wide)})")
+            if name == "ffi_call" or "custom_call" in name:
+                target = eqn.params.get("target_name", eqn.params.get("call_target_name"))
+                if target not in KERNELS:
+                    problems.append(f"{where}: unknown custom call {target!r}")
+                else:
+                    multiplied, results = KERNELS[target]
+                    wide = [str(_dtype(eqn.invars[i])) for i in multiplied
+                            if np.dtype(_dtype(eqn.invars[i])).itemsize > 1]
+                    if wide:
+                        problems.append(f"{where}: {target} multiplies operands wider than "
+                                        f"8 bits ({', '.join(wide)})")
+                    odd = [str(_dtype(v)) for v in eqn.outvars if str(_dtype(v)) not in results]
+                    if odd:
+                        problems.append(f"{where}: {target} returns {', '.join(odd)}")
             if name in DIVISIONS:
                 problems.append(f"{where}: {name} (division)")
             for param in eqn.params.values():

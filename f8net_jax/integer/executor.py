@@ -37,7 +37,33 @@ def saturating_add(a: jax.Array, b: jax.Array) -> jax.Array:
                      jnp.where(a < INT32_MIN - b, INT32_MIN, s))
 
 
-def _requantize(x, shift, signed: bool):
+# How each backend stores 8-bit tensors: 'xla' keeps both kinds as int8 (unsigned ones
+# offset by -128, since XLA's int8 convolution needs both operands signed); 'vnni' keeps
+# unsigned ones as uint8, the kernel's native u8 x s8 product.
+BACKENDS = ("xla", "vnni")
+
+
+def _storage(kind: str, backend: str) -> str:
+    return "u8" if kind == "unsigned" and backend == "vnni" else "s8"
+
+
+def _zero_point(kind: str, code: str) -> int:
+    """code = value + zero point for an 8-bit tensor of ``kind`` stored as ``code``."""
+    if kind == "unsigned":
+        return 0 if code == "u8" else -128
+    return 128 if code == "u8" else 0
+
+
+def _recode(x, have: str, need: str):
+    """uint8 <-> int8 by flipping the top bit: value + 128 <-> value (and back)."""
+    if have == need:
+        return x
+    if need == "s8":
+        return jax.lax.bitcast_convert_type(x ^ jnp.uint8(128), jnp.int8)
+    return jax.lax.bitcast_convert_type(x, jnp.uint8) ^ jnp.uint8(128)
+
+
+def _requantize(x, shift, signed: bool, code: str):
     lo, hi = (-127, 127) if signed else (0, 255)
     s = np.asarray(shift, np.int32)
     if np.all(s > 0):
@@ -48,6 +74,8 @@ def _requantize(x, shift, signed: bool):
         down = jnp.clip(fp.rounding_shift(x, np.maximum(s, 0)), lo, hi)
         up = fp.saturating_shift_left(x, np.maximum(-s, 0), lo, hi)
         r = jnp.where(s > 0, down, up)
+    if code == "u8":
+        return r.astype(jnp.uint8)
     return (r if signed else r - 128).astype(jnp.int8)
 
 
@@ -60,21 +88,78 @@ def _shift_left(x, shift, saturate: bool):
     return jnp.left_shift(x, _channels(s))
 
 
+def _bias_add(y, b, saturate: bool):
+    return saturating_add(y, b) if saturate else y + b
+
+
+class _Plan:
+    """Per op, what a backend needs beyond the program: operand codes, padded and packed
+    weights, biases with the zero-point correction -z * sum(w) (exact, int64 first)."""
+
+    def __init__(self, program: IntegerProgram, backend: str):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        self.backend = backend
+        self.code = {name: _storage(t["kind"], backend) if t["kind"] != "int32" else "s32"
+                     for name, t in program.tensors.items()}
+        self.ops, self.arrays = [], {}
+        for op in program.ops:
+            op = dict(op)
+            if op["op"] in ("conv", "dense"):
+                src = op["in"][0]
+                kind = program.tensors[src]["kind"]
+                w = program.arrays[op["weight"]]
+                fast = (backend == "vnni" and op["op"] == "conv" and op["groups"] == 1
+                        and not op["saturate"])
+                need = "u8" if fast else "s8"
+                z = _zero_point(kind, need)
+                reduce = tuple(range(w.ndim - 1))
+                bias = (program.arrays[op["bias"]].astype(np.int64)
+                        - z * np.sum(w.astype(np.int64), axis=reduce))
+                if np.any(np.abs(bias) > INT32_MAX):
+                    op["saturate"] = True  # the corrected bias alone leaves int32
+                    fast, need, z = False, "s8", _zero_point(kind, "s8")
+                    bias = (program.arrays[op["bias"]].astype(np.int64)
+                            - z * np.sum(w.astype(np.int64), axis=reduce))
+                bias = np.clip(bias, INT32_MIN, INT32_MAX).astype(np.int32)
+                op.update(need=need, pad_code=z, fast=fast, weight_shape=w.shape)
+                key = op["name"]
+                if fast:
+                    from f8net_jax.integer import vnni
+                    packed, cp, cop = vnni.pack_weight(w)
+                    padded = np.zeros(cop, np.int32)
+                    padded[:bias.size] = bias
+                    op.update(in_channels=w.shape[2], padded_channels=cp)
+                    self.arrays[f"{key}/weight"], self.arrays[f"{key}/bias"] = packed, padded
+                else:
+                    self.arrays[f"{key}/weight"], self.arrays[f"{key}/bias"] = w, bias
+            elif op["op"] == "lookup":
+                self.arrays[op["table"]] = program.arrays[op["table"]]
+            self.ops.append(op)
+
+
 def _conv(op, x, w, b):
     p = op["padding"]
+    if op["fast"]:
+        from f8net_jax.integer import vnni
+        extra = op["padded_channels"] - op["in_channels"]
+        if p or extra:
+            x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, extra)),
+                        constant_values=jnp.uint8(op["pad_code"]))
+        return vnni.conv(x, w, b, kernel_size=int(op["weight_shape"][0]),
+                         strides=op["strides"], out_channels=int(op["weight_shape"][3]))
     if p:
-        zero = -128 if op["offset"] else 0  # the int8 code of the value 0
-        x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=jnp.int8(zero))
+        x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=jnp.int8(op["pad_code"]))
     y = jax.lax.conv_general_dilated(
         x, w, window_strides=(op["strides"],) * 2, padding="VALID",
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=op["groups"],
         preferred_element_type=jnp.int32)
-    return saturating_add(y, b) if op["saturate"] else y + b
+    return _bias_add(y, b, op["saturate"])
 
 
 def _dense(op, x, w, b):
     y = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    return saturating_add(y, b) if op["saturate"] else y + b
+    return _bias_add(y, b, op["saturate"])
 
 
 def check_images(program: IntegerProgram, images) -> None:
@@ -89,33 +174,29 @@ def check_images(program: IntegerProgram, images) -> None:
         raise ValueError(f"images must be uint8 pixels, got dtype {dtype}")
 
 
-def execute(program: IntegerProgram, arrays: dict, images: jax.Array,
-            collect: bool = False):
-    """The program's int32 logits for uint8 ``images`` (traceable: ``arrays`` may be
-    traced). With ``collect`` also {tensor name: int32 integers} of every tensor, unsigned
-    ones without the offset (the value is integer * 2^-fraclen)."""
+def _execute(program: IntegerProgram, plan: _Plan, arrays: dict, images, collect: bool):
     check_images(program, images)
-    env, seen = {}, {}
-    for op in program.ops:
+    env, seen, code = {}, {}, plan.code
+    for op in plan.ops:
         kind, out = op["op"], op["out"]
         args = [env[name] for name in op["in"]]
         if kind == "image":
-            y = jax.lax.bitcast_convert_type(images ^ jnp.uint8(128), jnp.int8)
+            y = _recode(images, "u8", code[out])
         elif kind == "lookup":
             table = arrays[op["table"]]
             y = table[jnp.arange(table.shape[0]), images.astype(jnp.int32)]
-        elif kind == "conv":
-            y = _conv(op, args[0], arrays[op["weight"]], arrays[op["bias"]])
-        elif kind == "dense":
-            y = _dense(op, args[0], arrays[op["weight"]], arrays[op["bias"]])
+        elif kind in ("conv", "dense"):
+            x = _recode(args[0], code[op["in"][0]], op["need"])
+            w, b = arrays[f"{op['name']}/weight"], arrays[f"{op['name']}/bias"]
+            y = _conv(op, x, w, b) if kind == "conv" else _dense(op, x, w, b)
         elif kind == "requantize":
-            y = _requantize(args[0], op["shift"], op["signed"])
+            y = _requantize(args[0], op["shift"], op["signed"], code[out])
         elif kind == "relu":
             y = jnp.maximum(args[0], 0)
         elif kind == "add":
             a = _shift_left(args[0], op["shift"][0], op["saturate"])
             b = _shift_left(args[1], op["shift"][1], op["saturate"])
-            y = saturating_add(a, b) if op["saturate"] else a + b
+            y = _bias_add(a, b, op["saturate"])
             if op["relu"]:
                 y = jnp.maximum(y, 0)
         elif kind == "max_pool":
@@ -132,21 +213,46 @@ def execute(program: IntegerProgram, arrays: dict, images: jax.Array,
             raise ValueError(f"unknown op {kind!r}")
         env[out] = y
         if collect:
-            unsigned = program.tensors[out]["kind"] == "unsigned"
-            seen[out] = y.astype(jnp.int32) + 128 if unsigned else y.astype(jnp.int32)
+            z = _zero_point(program.tensors[out]["kind"], code[out]) if code[out] != "s32" else 0
+            seen[out] = y.astype(jnp.int32) - z
     logits = env[program.output]
     return (logits, seen) if collect else logits
 
 
+def default_backend() -> str:
+    """'vnni' on a CPU whose kernel loads (see vnni.available), else 'xla'."""
+    from f8net_jax.integer import vnni
+    return "vnni" if jax.default_backend() == "cpu" and vnni.available()[0] else "xla"
+
+
+def execute(program: IntegerProgram, arrays: Optional[dict], images, collect: bool = False,
+            backend: str = "xla"):
+    """The program's int32 logits for uint8 ``images`` (traceable). ``arrays``: the
+    backend's arrays (None: derived from the program here). With ``collect`` also
+    {tensor name: int32 values} of every tensor (value = integer * 2^-fraclen)."""
+    plan = _Plan(program, backend)
+    return _execute(program, plan, plan.arrays if arrays is None else arrays, images, collect)
+
+
 class Executor:
     """A compiled integer program: ``executor(images) -> int32 logits`` (at fraclen
-    ``program.logits_fraclen``); ``executor.collect(images)`` also returns every tensor."""
+    ``program.logits_fraclen``); ``executor.collect(images)`` also returns every tensor.
+    ``backend``: 'vnni' (the AVX-512 VNNI kernel for convolutions), 'xla' (XLA's int8
+    convolution, any device) or None for ``default_backend()``."""
 
-    def __init__(self, program: IntegerProgram):
+    def __init__(self, program: IntegerProgram, backend: Optional[str] = None):
+        program.validate()
         self.program = program
-        self.arrays = {k: jnp.asarray(v) for k, v in program.arrays.items()}
-        self._run = jax.jit(functools.partial(execute, program))
-        self._collect = jax.jit(functools.partial(execute, program, collect=True))
+        self.backend = backend or default_backend()
+        if self.backend == "vnni":
+            from f8net_jax.integer import vnni
+            ok, why = vnni.available()
+            if not ok:
+                raise ValueError(f"backend 'vnni' is not available: {why}")
+        self.plan = _Plan(program, self.backend)
+        self.arrays = {k: jnp.asarray(v) for k, v in self.plan.arrays.items()}
+        self._run = jax.jit(functools.partial(_execute, program, self.plan, collect=False))
+        self._collect = jax.jit(functools.partial(_execute, program, self.plan, collect=True))
 
     def __call__(self, images) -> jax.Array:
         check_images(self.program, images)
@@ -159,14 +265,16 @@ class Executor:
     def jaxpr(self, batch_size: int = 1):
         """The executor's jaxpr for a batch of uint8 images (what the audit walks)."""
         spec = jax.ShapeDtypeStruct((batch_size,) + tuple(self.program.image_shape), jnp.uint8)
-        return jax.make_jaxpr(functools.partial(execute, self.program))(self.arrays, spec)
+        fn = functools.partial(_execute, self.program, self.plan, collect=False)
+        return jax.make_jaxpr(fn)(self.arrays, spec)
 
 
 def serialize(program: IntegerProgram, batch_size: int) -> bytes:
     """The executor for a fixed batch of uint8 images, weights included, as a jax.export
     artifact (StableHLO); ``deserialize(data).call(images)`` returns the int32 logits."""
-    arrays = {k: jnp.asarray(v) for k, v in program.arrays.items()}
-    fn = jax.jit(lambda images: execute(program, arrays, images))
+    plan = _Plan(program, "xla")  # portable StableHLO: no custom kernels
+    arrays = {k: jnp.asarray(v) for k, v in plan.arrays.items()}
+    fn = jax.jit(lambda images: _execute(program, plan, arrays, images, False))
     spec = jax.ShapeDtypeStruct((batch_size,) + tuple(program.image_shape), jnp.uint8)
     return jax.export.export(fn)(spec).serialize()
 

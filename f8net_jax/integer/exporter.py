@@ -130,16 +130,13 @@ class _Builder:
         lo, hi = raw_lo + bias, raw_hi + bias
         bound = int(max(np.max(np.abs(lo)), np.max(np.abs(hi))))
         raw = int(max(np.max(np.abs(raw_lo)), np.max(np.abs(raw_hi))))
-        # Unsigned inputs travel as int8 u - 128: conv(u, w) = conv(u - 128, w) + 128 sum(w).
-        offset = not signed
-        total_bias = bias + (128 * np.sum(w, axis=reduce_axes) if offset else 0)
-        saturate = bound > INT32_MAX or np.max(np.abs(total_bias)) > INT32_MAX
+        saturate = bound > INT32_MAX
         self.arrays[f"{name}/weight"] = q_w.astype(np.int8)
-        self.arrays[f"{name}/bias"] = np.clip(total_bias, -INT32_MAX, INT32_MAX).astype(np.int32)
+        self.arrays[f"{name}/bias"] = bias.astype(np.int32)
         in_fl = int(t["fraclen"][0])
         acc_fl = in_fl + w_fraclen
         op.update({"name": name, "in": [src], "out": name, "weight": f"{name}/weight",
-                   "bias": f"{name}/bias", "offset": offset, "saturate": bool(saturate),
+                   "bias": f"{name}/bias", "saturate": bool(saturate),
                    "input_fraclen": in_fl, "weight_fraclen": [int(v) for v in w_fraclen],
                    "check": _check(name, "conv" if "groups" in op else "dense", bound, raw)})
         self.ops.append(op)

@@ -1,16 +1,16 @@
 """The integer program: an op graph over named tensors, int8 weights, int32 biases and the
 formats, saved as a readable JSON file next to a .npz of its arrays (no pickle).
 
-Tensors have a kind: 'unsigned' (8-bit activations in [0, 255], carried as int8 offset by
--128), 'signed' (int8 in [-127, 127]) or 'int32' (accumulators, residual streams, logits),
-and a fraclen per channel: tensor value = integer * 2^-fraclen.
+Tensors have a kind: 'unsigned' (8-bit activations in [0, 255]), 'signed' (8-bit in
+[-127, 127]) or 'int32' (accumulators, residual streams, logits), and a fraclen per
+channel: tensor value = integer * 2^-fraclen. How an executor stores 8-bit tensors (uint8,
+or int8 offset by -128) is its own choice; the program holds true values.
 
 Ops (each a JSON object with 'op', 'in', 'out'):
-  image       uint8 pixels p -> 'unsigned' p at fl 8 (offset to int8)
+  image       uint8 pixels p -> 'unsigned' p at fl 8
   lookup      uint8 pixels -> 'signed' int8 through a per-channel table (normalized input)
-  conv        8-bit input, int8 HWIO weight, int32 bias -> int32; explicit padding with the
-              input's zero, groups for depthwise; 'offset' inputs have 128 * sum(kernel)
-              folded into the bias
+  conv        8-bit input, int8 HWIO weight, int32 bias -> int32; zero padding of
+              kernel_size // 2, groups for depthwise
   dense       8-bit input, int8 weight, int32 bias -> int32 (the logits)
   requantize  int32 -> 8-bit: rounding right shift (half to even) or saturating left shift
               per channel, then saturation to the 8-bit range (the ReLU of unsigned ones)
