@@ -84,11 +84,13 @@ def _shift_left(x, shift, saturate: bool):
     if not np.any(s):
         return x
     if saturate:
-        return fp.saturating_shift_left(x, _channels(s), INT32_MIN, INT32_MAX)
+        return fp.saturating_shift_left(x, _channels(s), -INT32_MAX, INT32_MAX)
     return jnp.left_shift(x, _channels(s))
 
 
-def _bias_add(y, b, saturate: bool):
+def _bias_add(y, b, saturate: bool, correction=None):
+    if correction is not None:
+        y = y + correction
     return saturating_add(y, b) if saturate else y + b
 
 
@@ -113,15 +115,20 @@ class _Plan:
                         and not op["saturate"])
                 need = "u8" if fast else "s8"
                 z = _zero_point(kind, need)
-                reduce = tuple(range(w.ndim - 1))
-                bias = (program.arrays[op["bias"]].astype(np.int64)
-                        - z * np.sum(w.astype(np.int64), axis=reduce))
-                if np.any(np.abs(bias) > INT32_MAX):
-                    op["saturate"] = True  # the corrected bias alone leaves int32
+                # The codes' products sum to conv(value) + z * sum(w): subtract it again.
+                wsum = np.sum(w.astype(np.int64), axis=tuple(range(w.ndim - 1)))
+                correction = -z * wsum  # |.| <= 128 * 127 * fan-in: int32
+                bias = program.arrays[op["bias"]].astype(np.int64)
+                if np.any(np.abs(bias + correction) > INT32_MAX):
+                    op["saturate"] = True
                     fast, need, z = False, "s8", _zero_point(kind, "s8")
-                    bias = (program.arrays[op["bias"]].astype(np.int64)
-                            - z * np.sum(w.astype(np.int64), axis=reduce))
-                bias = np.clip(bias, INT32_MIN, INT32_MAX).astype(np.int32)
+                    correction = -z * wsum
+                if op["saturate"]:
+                    # Exact conv(value) first (it fits int32), then the saturating bias add.
+                    self.arrays[f"{op['name']}/correction"] = correction.astype(np.int32)
+                else:
+                    bias = bias + correction
+                bias = bias.astype(np.int32)
                 op.update(need=need, pad_code=z, fast=fast, weight_shape=w.shape)
                 key = op["name"]
                 if fast:
@@ -138,7 +145,7 @@ class _Plan:
             self.ops.append(op)
 
 
-def _conv(op, x, w, b):
+def _conv(op, x, w, b, c=None):
     p = op["padding"]
     if op["fast"]:
         from f8net_jax.integer import vnni
@@ -154,12 +161,12 @@ def _conv(op, x, w, b):
         x, w, window_strides=(op["strides"],) * 2, padding="VALID",
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=op["groups"],
         preferred_element_type=jnp.int32)
-    return _bias_add(y, b, op["saturate"])
+    return _bias_add(y, b, op["saturate"], c)
 
 
-def _dense(op, x, w, b):
+def _dense(op, x, w, b, c=None):
     y = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    return _bias_add(y, b, op["saturate"])
+    return _bias_add(y, b, op["saturate"], c)
 
 
 def check_images(program: IntegerProgram, images) -> None:
@@ -187,8 +194,10 @@ def _execute(program: IntegerProgram, plan: _Plan, arrays: dict, images, collect
             y = table[jnp.arange(table.shape[0]), images.astype(jnp.int32)]
         elif kind in ("conv", "dense"):
             x = _recode(args[0], code[op["in"][0]], op["need"])
-            w, b = arrays[f"{op['name']}/weight"], arrays[f"{op['name']}/bias"]
-            y = _conv(op, x, w, b) if kind == "conv" else _dense(op, x, w, b)
+            key = op["name"]
+            w, b = arrays[f"{key}/weight"], arrays[f"{key}/bias"]
+            c = arrays.get(f"{key}/correction")
+            y = _conv(op, x, w, b, c) if kind == "conv" else _dense(op, x, w, b, c)
         elif kind == "requantize":
             y = _requantize(args[0], op["shift"], op["signed"], code[out])
         elif kind == "relu":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
+import flax
 import jax.numpy as jnp
 import numpy as np
 
@@ -342,8 +343,12 @@ def export(variables: Mapping[str, Any], model_name: str, config, *,
     if image_shape[0] % model.total_stride or image_shape[1] % model.total_stride:
         raise ValueError(f"image_shape {image_shape}: height and width must be multiples of "
                          f"{model.total_stride} for {model_name}")
-    table = analysis.layer_formats(model, variables, image_shape,
-                                   collections=("formats", "folded"))
+    try:
+        table = analysis.layer_formats(model, variables, image_shape,
+                                       collections=("formats", "folded"))
+    except (flax.errors.FlaxError, KeyError, TypeError) as e:
+        raise ValueError(f"the variables are not those of a {model_name} "
+                         f"({str(e).splitlines()[0]})") from None
     b = _Builder(table)
     image = b.image(channels, quant.normalized_input, "stem", _normalized_table(channels))
     if model_name.startswith("resnet"):

@@ -84,10 +84,10 @@ def pairs(program: IntegerProgram):
 class Verifier:
     """Compares ``program`` with ``model``'s simulation batch by batch into one Report."""
 
-    def __init__(self, program: IntegerProgram, model, variables):
+    def __init__(self, program: IntegerProgram, model, variables, backend=None, sim_fn=None):
         self.program, self.model, self.variables = program, model, variables
-        self.executor = Executor(program)
-        self.sim_fn = _simulate_fn(model)
+        self.executor = Executor(program, backend=backend)
+        self.sim_fn = sim_fn or _simulate_fn(model)
         self.pairs = pairs(program)
         self.report = Report()
 
@@ -120,9 +120,10 @@ class Verifier:
 
 
 def verify(program: IntegerProgram, model, variables, images, labels=None,
-           batch_size: int = 64) -> Report:
-    """Runs both paths on ``images`` (uint8 NHWC) and returns the Report."""
-    verifier = Verifier(program, model, variables)
+           batch_size: int = 64, backend=None, sim_fn=None) -> Report:
+    """Runs both paths on ``images`` (uint8 NHWC) and returns the Report (``backend``: the
+    executor's, see Executor; ``sim_fn``: a compiled simulation to reuse)."""
+    verifier = Verifier(program, model, variables, backend=backend, sim_fn=sim_fn)
     for i in range(0, len(images), batch_size):
         verifier.batch(images[i:i + batch_size],
                        None if labels is None else labels[i:i + batch_size])
