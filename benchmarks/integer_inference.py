@@ -7,7 +7,9 @@ For ResNet-18 at 224x224 and ResNet-20 at 32x32 (ImageNet-style 1000 and 10 clas
 initializes a fixed-point model, runs one training-mode forward so BatchNorm statistics
 and running formats are not at their initial values, exports it, and times on the same
 uint8 batch, after warm-up (compilation) and interleaved over ``repeats`` rounds:
-* integer: the jitted integer executor (int8 operands, int32 accumulation);
+* integer: the jitted integer executor (8-bit operands, int32 accumulation) with the
+  default backend ('vnni' on a CPU with AVX-512 VNNI), and with the 'xla' backend (XLA's
+  own int8 convolution);
 * float: the same model and parameters in float mode (float32 conv + BatchNorm), jitted
   eval forward;
 * simulation: the fixed-point eval forward (fake quantization in float32), for reference.
@@ -51,19 +53,25 @@ def measure(name, size, channels, classes, batch, repeats):
     variables = {**variables, **updates}
     program = integer.export(variables, name, {"quant": quant}, image_shape=images.shape[1:])
     executor = integer.Executor(program)
+    xla_executor = integer.Executor(program, backend="xla")
     float_vars = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     float_eval = jax.jit(lambda x: float_model.apply(float_vars, x, train=False))
     sim_eval = jax.jit(lambda x: model.apply(variables, x, train=False))
     fns = {"integer": executor, "float": float_eval, "simulation": sim_eval}
+    if executor.backend != "xla":
+        fns["integer (xla)"] = xla_executor
     rates = {k: [] for k in fns}
     images = jnp.asarray(images)
     for _ in range(3):  # interleave so that machine noise hits every path alike
         for k, fn in fns.items():
             rates[k].append(_median_rate(fn, images, repeats))
     rates = {k: max(v) for k, v in rates.items()}
-    print(f"{name} {size}x{size} batch {batch}: integer {rates['integer']:.1f} img/s, "
-          f"float {rates['float']:.1f} img/s, simulation {rates['simulation']:.1f} img/s, "
-          f"integer/float {rates['integer'] / rates['float']:.2f}")
+    xla = (f", integer with the xla backend {rates['integer (xla)']:.1f} img/s"
+           if "integer (xla)" in rates else "")
+    print(f"{name} {size}x{size} batch {batch}: integer ({executor.backend}) "
+          f"{rates['integer']:.1f} img/s, float {rates['float']:.1f} img/s, simulation "
+          f"{rates['simulation']:.1f} img/s{xla}, integer/float "
+          f"{rates['integer'] / rates['float']:.2f}")
     return rates["integer"] / rates["float"]
 
 

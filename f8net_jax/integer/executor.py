@@ -231,7 +231,7 @@ def _execute(program: IntegerProgram, plan: _Plan, arrays: dict, images, collect
 def default_backend() -> str:
     """'vnni' on a CPU whose kernel loads (see vnni.available), else 'xla'."""
     from f8net_jax.integer import vnni
-    return "vnni" if jax.default_backend() == "cpu" and vnni.available()[0] else "xla"
+    return "vnni" if vnni.available()[0] else "xla"
 
 
 def execute(program: IntegerProgram, arrays: Optional[dict], images, collect: bool = False,

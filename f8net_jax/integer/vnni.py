@@ -28,7 +28,7 @@ TARGET = "f8net_conv_u8s8"
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "conv_u8s8.cc")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw",
          "-mavx512vl", "-mavx512vnni", "-w"]
-COLS = 32  # output channels per kernel tile
+COLS = 16  # output channels are padded to a multiple of this
 
 
 def _cpu_has_vnni() -> bool:
@@ -81,14 +81,17 @@ def _load() -> Optional[str]:
 
 
 def available() -> tuple[bool, str]:
-    """(True, '') if the VNNI kernel is ready on this machine's CPU, else (False, why)."""
+    """(True, '') if the VNNI kernel is ready and JAX computes on this machine's CPU,
+    else (False, why)."""
+    if jax.default_backend() != "cpu":
+        return False, f"JAX runs on {jax.default_backend()}, the kernel on the CPU"
     reason = _load()
     return reason is None, reason or ""
 
 
 def pack_weight(weight: np.ndarray) -> tuple[np.ndarray, int, int]:
     """HWIO int8 weights laid out for the kernel: input channels padded to a multiple of 4,
-    output channels to a multiple of 32, as [KH * KW * C/4, Co, 4]. Returns (packed,
+    output channels to a multiple of 16, as [KH * KW * C/4, Co, 4]. Returns (packed,
     padded input channels, padded output channels)."""
     kh, kw, c, co = weight.shape
     cp, cop = -(-c // 4) * 4, -(-co // COLS) * COLS
