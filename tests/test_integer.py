@@ -21,7 +21,9 @@ from f8net_jax.integer.verification import verify
 from f8net_jax.layers import QuantConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKENDS = ["xla"] + (["vnni"] if vnni.available()[0] else [])
+BACKENDS = ["im2col"] + (["xla", "vnni"] if jax.default_backend() == "cpu" else [])
+if "vnni" in BACKENDS and not vnni.available()[0]:
+    BACKENDS.remove("vnni")
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
@@ -122,7 +124,7 @@ def test_audit_finds_no_float_no_wide_multiply_no_division(name, size, width):
         jaxpr = executor.Executor(program, backend=backend).jaxpr(batch_size=2)
         assert audit.audit(jaxpr) == [], backend
         primitives = {e.primitive.name for e in jaxpr.jaxpr.eqns}
-        assert primitives & {"conv_general_dilated", "ffi_call"}  # the audit saw the convs
+        assert primitives & {"conv_general_dilated", "ffi_call", "dot_general"}  # saw the convs
 
 
 def test_audit_flags_floats_wide_multiplies_divisions_and_unknown_kernels():
@@ -232,6 +234,8 @@ def test_executor_rejects_images_of_the_wrong_shape_or_dtype():
         run(x.astype(np.float32))
     with pytest.raises(ValueError, match="backend must be one of"):
         integer.Executor(program, backend="tpu")
+    with pytest.raises(ValueError, match="serialize with 'im2col'"):
+        integer.serialize(program, 2, backend="vnni")
 
 
 def test_export_rejects_float_models_and_foreign_variables():
@@ -253,6 +257,7 @@ def test_jax_export_serializes_the_executor_for_a_fixed_batch():
     restored = integer.deserialize(data)
     np.testing.assert_array_equal(restored.call(x), integer.Executor(program)(x))
     assert "f8net_conv" not in restored.mlir_module()  # portable: no custom kernels
+    assert set(restored.platforms) == {"cpu", "cuda"}
 
 
 # --------------------------------------------------------------------------------------

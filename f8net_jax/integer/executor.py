@@ -37,10 +37,13 @@ def saturating_add(a: jax.Array, b: jax.Array) -> jax.Array:
                      jnp.where(a < INT32_MIN - b, INT32_MIN, s))
 
 
-# How each backend stores 8-bit tensors: 'xla' keeps both kinds as int8 (unsigned ones
-# offset by -128, since XLA's int8 convolution needs both operands signed); 'vnni' keeps
-# unsigned ones as uint8, the kernel's native u8 x s8 product.
-BACKENDS = ("xla", "vnni")
+# The backends: 'vnni' (convolutions by the AVX-512 VNNI kernel, CPU), 'xla' (XLA's int8
+# convolution; CPU) and 'im2col' (patches by strided slices, then int8 dot_general: for
+# GPUs, whose XLA has no int8 convolution with int32 results, and for portable
+# jax.export artifacts). How they store 8-bit tensors: 'xla' and 'im2col' keep both kinds
+# as int8 (unsigned ones offset by -128, since both operands of an int8 product must be
+# signed); 'vnni' keeps unsigned ones as uint8, the kernel's native u8 x s8 product.
+BACKENDS = ("vnni", "xla", "im2col")
 
 
 def _storage(kind: str, backend: str) -> str:
@@ -129,7 +132,8 @@ class _Plan:
                 else:
                     bias = bias + correction
                 bias = bias.astype(np.int32)
-                op.update(need=need, pad_code=z, fast=fast, weight_shape=w.shape)
+                op.update(need=need, pad_code=z, fast=fast, weight_shape=w.shape,
+                          im2col=backend == "im2col")
                 key = op["name"]
                 if fast:
                     from f8net_jax.integer import vnni
@@ -157,11 +161,37 @@ def _conv(op, x, w, b, c=None):
                          strides=op["strides"], out_channels=int(op["weight_shape"][3]))
     if p:
         x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=jnp.int8(op["pad_code"]))
-    y = jax.lax.conv_general_dilated(
-        x, w, window_strides=(op["strides"],) * 2, padding="VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=op["groups"],
-        preferred_element_type=jnp.int32)
+    if op["im2col"]:
+        y = _im2col_conv(x, w, op["strides"], op["groups"])
+    else:
+        y = jax.lax.conv_general_dilated(
+            x, w, window_strides=(op["strides"],) * 2, padding="VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=op["groups"],
+            preferred_element_type=jnp.int32)
     return _bias_add(y, b, op["saturate"], c)
+
+
+def _im2col_conv(x, w, strides: int, groups: int):
+    """conv(x, w) of padded int8 x as int8 x int8 -> int32 dot_generals over patches taken
+    by strided slices (no arithmetic): [N*OH*OW, KH*KW*C] @ [KH*KW*C, Co], or per channel
+    (a batched dot) for depthwise convs."""
+    n, hp, wp, c = x.shape
+    k = w.shape[0]
+    oh, ow = (hp - k) // strides + 1, (wp - k) // strides + 1
+    patches = jnp.stack([jax.lax.slice(x, (0, i, j, 0), (n, i + (oh - 1) * strides + 1,
+                                                         j + (ow - 1) * strides + 1, c),
+                                       (1, strides, strides, 1))
+                         for i in range(k) for j in range(k)], axis=3)  # [N, OH, OW, KK, C]
+    if groups == 1:
+        y = jax.lax.dot_general(patches.reshape(n * oh * ow, k * k * c),
+                                w.reshape(k * k * c, w.shape[3]), (((1,), (0,)), ((), ())),
+                                preferred_element_type=jnp.int32)
+        return y.reshape(n, oh, ow, w.shape[3])
+    lhs = patches.reshape(n * oh * ow, k * k, c).transpose(2, 0, 1)  # [C, M, KK]
+    rhs = w.reshape(k * k, c).T[:, :, None]                           # [C, KK, 1]
+    y = jax.lax.dot_general(lhs, rhs, (((2,), (1,)), ((0,), (0,))),
+                            preferred_element_type=jnp.int32)        # [C, M, 1]
+    return y[:, :, 0].T.reshape(n, oh, ow, c)
 
 
 def _dense(op, x, w, b, c=None):
@@ -229,8 +259,11 @@ def _execute(program: IntegerProgram, plan: _Plan, arrays: dict, images, collect
 
 
 def default_backend() -> str:
-    """'vnni' on a CPU whose kernel loads (see vnni.available), else 'xla'."""
+    """'vnni' on a CPU whose kernel loads (see vnni.available), 'xla' on other CPUs,
+    'im2col' on GPUs and TPUs."""
     from f8net_jax.integer import vnni
+    if jax.default_backend() != "cpu":
+        return "im2col"
     return "vnni" if vnni.available()[0] else "xla"
 
 
@@ -247,7 +280,8 @@ class Executor:
     """A compiled integer program: ``executor(images) -> int32 logits`` (at fraclen
     ``program.logits_fraclen``); ``executor.collect(images)`` also returns every tensor.
     ``backend``: 'vnni' (the AVX-512 VNNI kernel for convolutions), 'xla' (XLA's int8
-    convolution, any device) or None for ``default_backend()``."""
+    convolution, CPU), 'im2col' (int8 dot_general over patches, CPU and GPU) or None for
+    ``default_backend()``."""
 
     def __init__(self, program: IntegerProgram, backend: Optional[str] = None):
         program.validate()
@@ -278,14 +312,18 @@ class Executor:
         return jax.make_jaxpr(fn)(self.arrays, spec)
 
 
-def serialize(program: IntegerProgram, batch_size: int) -> bytes:
+def serialize(program: IntegerProgram, batch_size: int, backend: str = "im2col") -> bytes:
     """The executor for a fixed batch of uint8 images, weights included, as a jax.export
-    artifact (StableHLO); ``deserialize(data).call(images)`` returns the int32 logits."""
-    plan = _Plan(program, "xla")  # portable StableHLO: no custom kernels
+    artifact (StableHLO, for CPU and CUDA); ``deserialize(data).call(images)`` returns the
+    int32 logits. The default backend, 'im2col', uses no custom kernel and runs on both."""
+    if backend == "vnni":
+        raise ValueError("the 'vnni' backend calls a local kernel: serialize with 'im2col' "
+                         "or 'xla'")
+    plan = _Plan(program, backend)
     arrays = {k: jnp.asarray(v) for k, v in plan.arrays.items()}
     fn = jax.jit(lambda images: _execute(program, plan, arrays, images, False))
     spec = jax.ShapeDtypeStruct((batch_size,) + tuple(program.image_shape), jnp.uint8)
-    return jax.export.export(fn)(spec).serialize()
+    return jax.export.export(fn, platforms=("cpu", "cuda"))(spec).serialize()
 
 
 def deserialize(data: bytes) -> "jax.export.Exported":
