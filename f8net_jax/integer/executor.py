@@ -183,8 +183,12 @@ def _im2col_conv(x, w, strides: int, groups: int):
                                        (1, strides, strides, 1))
                          for i in range(k) for j in range(k)], axis=3)  # [N, OH, OW, KK, C]
     if groups == 1:
-        y = jax.lax.dot_general(patches.reshape(n * oh * ow, k * k * c),
-                                w.reshape(k * k * c, w.shape[3]), (((1,), (0,)), ((), ())),
+        lhs, rhs = patches.reshape(n * oh * ow, k * k * c), w.reshape(k * k * c, w.shape[3])
+        extra = -(k * k * c) % 4  # a multiple of 4 (GPU int8 GEMMs need it), with zeros
+        if extra:
+            lhs = jnp.pad(lhs, ((0, 0), (0, extra)))
+            rhs = jnp.pad(rhs, ((0, extra), (0, 0)))
+        y = jax.lax.dot_general(lhs, rhs, (((1,), (0,)), ((), ())),
                                 preferred_element_type=jnp.int32)
         return y.reshape(n, oh, ow, w.shape[3])
     lhs = patches.reshape(n * oh * ow, k * k, c).transpose(2, 0, 1)  # [C, M, KK]
