@@ -2,6 +2,7 @@
 simulation, and checks they agree exactly.
 
     python -m f8net_jax.integer.verify --workdir=DIR [--num_images=N] [--program=FILE]
+                                       [--layers]
 
 Exports the workdir's latest checkpoint (or checks the saved program FILE against it),
 audits the executor's jaxpr, compares the int32 logits with the simulation's eval logits
@@ -47,6 +48,8 @@ def main(argv=None) -> None:
                         help="eval images to check (default: the whole eval split)")
     parser.add_argument("--program", default="",
                         help="a saved program to check instead of exporting the workdir")
+    parser.add_argument("--layers", action="store_true",
+                        help="also print each accumulating op's static bound and measured maximum")
     args = parser.parse_args(argv)
     if args.num_images < 0:
         cli.fail(f"--num_images must be positive, got {args.num_images}")
@@ -83,6 +86,14 @@ def main(argv=None) -> None:
     report = verifier.report
     if report.images == 0:
         cli.fail(f"{args.workdir}: the eval data yielded no images")
+    if args.layers:
+        print(f"{'op':34s} {'static bound':>14s} {'measured max':>14s}  float32 exact  int32 safe")
+        for check in program.checks():
+            name = check["layer"]
+            print(f"{name:34s} {check['accumulator_bound']:14,d} "
+                  f"{report.observed_max.get(name, 0):14,d}  "
+                  f"{'yes' if check['float32_exact'] else 'NO':>13s}  "
+                  f"{'yes' if check['int32_safe'] else 'NO (saturates)':>10s}")
     worst = max(report.observed_max.items(), key=lambda kv: kv[1])
     print(f"measured: largest accumulator |{worst[1]:,}| ({worst[0]}) over "
           f"{report.images} images")
