@@ -132,6 +132,7 @@ def test_audit_flags_floats_wide_multiplies_divisions_and_unknown_kernels():
     i8 = jnp.ones((4, 4), jnp.int8)
     assert any("float" in p for p in audit.audit(jax.make_jaxpr(lambda x: x * 0.5)(i32)))
     assert any("wider than 8 bits" in p for p in audit.audit(jax.make_jaxpr(lambda x: x * x)(i32)))
+    assert any("square" in p for p in audit.audit(jax.make_jaxpr(jnp.square)(i32)))
     assert any("division" in p for p in audit.audit(jax.make_jaxpr(lambda x: x // 3)(i32)))
     wide_dot = jax.make_jaxpr(lambda a: jnp.dot(a.astype(jnp.int32), a.astype(jnp.int32)))(i8)
     assert any("dot_general" in p for p in audit.audit(wide_dot))
@@ -183,6 +184,37 @@ def test_requantize_with_mixed_shifts_matches_exact_rounding(signed):
         np.testing.assert_array_equal(got + (128 if code == "s8" and not signed else 0), ref)
 
 
+def test_vnni_kernel_builds_on_cpus_that_have_the_instructions():
+    if not vnni._cpu_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI: the executor uses XLA's convolutions")
+    if jax.default_backend() != "cpu":
+        pytest.skip("JAX computes on an accelerator here")
+    ok, why = vnni.available()
+    assert ok, why
+    assert executor.default_backend() == "vnni"
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2, 9, 11, 5), dtype=np.uint8)   # odd sizes, 5 channels
+    w = rng.integers(-127, 128, (3, 3, 5, 40), dtype=np.int8)  # 40 outputs: padded to 48
+    b = rng.integers(-1000, 1000, (40,), dtype=np.int32)
+    packed, cp, cop = vnni.pack_weight(w)
+    xp = jnp.pad(jnp.asarray(x), ((0, 0), (1, 1), (1, 1), (0, cp - 5)))
+    y = vnni.conv(xp, jnp.asarray(packed), jnp.asarray(np.pad(b, (0, cop - 40))),
+                  kernel_size=3, strides=2, out_channels=40)
+    xi = np.pad(x.astype(np.int64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    ref = sum(xi[:, i:i + 9:2, j:j + 11:2, :] @ w[i, j].astype(np.int64)
+              for i in range(3) for j in range(3)) + b
+    np.testing.assert_array_equal(np.asarray(y), ref)
+
+
+def test_saturating_add_clips_instead_of_wrapping():
+    rng = np.random.default_rng(0)
+    a = rng.integers(-2 ** 31, 2 ** 31, 4096, dtype=np.int64)
+    b = rng.integers(-2 ** 31, 2 ** 31, 4096, dtype=np.int64)
+    a[:4], b[:4] = [2 ** 31 - 1, -2 ** 31, 5, -7], [1, -1, -5, 7]
+    got = np.asarray(executor.saturating_add(jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32)))
+    np.testing.assert_array_equal(got, np.clip(a + b, -2 ** 31, 2 ** 31 - 1))
+
+
 def test_save_and_load_round_trip_and_bad_files(tmp_path):
     model, variables, program, x = make("resnet20", 16, QuantConfig(), channels=1)
     json_path, npz_path = integer.save(program, str(tmp_path / "prog"))
@@ -218,6 +250,8 @@ def test_save_and_load_round_trip_and_bad_files(tmp_path):
         integer.load(rewrite(ops=ops))
     with pytest.raises(FileNotFoundError, match="no integer program"):
         integer.load(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="'arrays_file' must name a file beside it"):
+        integer.load(rewrite(arrays_file="../prog.npz"))
     # A program that does not validate is not written at all.
     broken = program_lib.IntegerProgram(**{**program.__dict__, "output": "nowhere"})
     with pytest.raises(ValueError, match="output 'nowhere'"):
@@ -285,6 +319,10 @@ def test_export_and_verify_commands_on_a_trained_run(smoke_workdir, tmp_path):
     assert "0 ops rely on saturation" in result.stdout
     for suffix in (".json", ".npz", ".jaxexport"):
         assert os.path.exists(out + suffix)
+    assert not [f for f in os.listdir(os.path.dirname(out)) if "partial" in f or ".tmp" in f]
+    exported = integer.deserialize(open(out + ".jaxexport", "rb").read())
+    images = np.zeros((4,) + tuple(integer.load(out).image_shape), np.uint8)
+    np.testing.assert_array_equal(exported.call(images), integer.Executor(integer.load(out))(images))
     result = _run("f8net_jax.integer.verify", f"--workdir={smoke_workdir}", "--num_images=40",
                   f"--program={out}")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -308,12 +346,12 @@ def test_commands_fail_cleanly_on_bad_workdirs(smoke_workdir, tmp_path):
         (("f8net_jax.integer.export", f"--workdir={float_dir}", f"--output={out}"), "float-mode"),
         (("f8net_jax.integer.verify", f"--workdir={tmp_path / 'none'}"), "no config.json"),
         (("f8net_jax.integer.verify", f"--workdir={smoke_workdir}", "--num_images=-1"),
-         "--num_images must be positive"),
+         "--num_images must be >= 0"),
     ]:
         result = _run(*args)
         assert result.returncode != 0 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
-    assert not os.listdir(tmp_path / "float" / "..") or not os.path.exists(out + ".json")
+    assert not os.path.exists(out + ".json") and not os.path.exists(out + ".npz")
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(os.path.join(smoke_workdir, "config.json"), empty)

@@ -2,8 +2,8 @@
 
 Walks every equation, nested jaxprs included (jit, custom rules, control flow), and lists:
 * any float or complex value (inputs, constants, outputs of any equation);
-* any multiplication (mul, integer_pow, reduce_prod, cumprod, conv_general_dilated,
-  dot_general) with an operand wider than 8 bits;
+* any multiplication (mul, square, integer_pow, reduce_prod, cumprod, conv_general_dilated,
+  dot_general, ragged dots) with an operand wider than 8 bits;
 * any division or remainder;
 * any custom call other than the known integer kernels: ``KERNELS`` names each one with
   the operands it multiplies (which must be 8-bit) and the result dtypes it may have (the
@@ -22,8 +22,8 @@ try:  # jax >= 0.4.30 keeps the internal classes here
 except (ImportError, AttributeError):  # pragma: no cover
     _JAXPR_TYPES = (jax_core.Jaxpr, jax_core.ClosedJaxpr)
 
-MULTIPLIES = ("mul", "integer_pow", "reduce_prod", "cumprod", "conv_general_dilated",
-              "dot_general")
+MULTIPLIES = ("mul", "square", "integer_pow", "reduce_prod", "cumprod", "conv_general_dilated",
+              "dot_general", "ragged_dot", "ragged_dot_general")
 DIVISIONS = ("div", "rem")
 # custom-call target: (indices of the multiplied operands, allowed result dtypes)
 KERNELS = {"f8net_conv_u8s8": ((0, 1), ("int32",))}

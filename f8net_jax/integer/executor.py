@@ -1,10 +1,15 @@
 """Runs an integer program with integer arithmetic only (JAX).
 
-Activations are 8-bit (int8; unsigned ones offset by -128), weights int8, accumulators,
-residual streams and logits int32. The only multiplications are the int8 x int8 products
+Activations are 8-bit (uint8 or int8, see BACKENDS), weights int8, accumulators, residual
+streams and logits int32. The only multiplications are the int8 x int8 products
 inside conv and dot_general (int32 accumulation); requantization is shifts, comparisons
 and adds; nothing is float. ``tests/test_integer.py`` audits the jaxpr of every
 architecture for exactly that.
+
+Saturation. Ops marked 'saturate' by the exporter's static check saturate at each step,
+as fixed-point hardware does: the alignment shift of each operand, then the add (or the
+bias add, or each partial sum of the pool, in XLA's order). Where no intermediate leaves
+int32 this equals exact arithmetic; the static bounds prove that for every unmarked op.
 """
 
 from __future__ import annotations
@@ -193,12 +198,19 @@ def _im2col_conv(x, w, strides: int, groups: int):
         return y.reshape(n, oh, ow, w.shape[3])
     lhs = patches.reshape(n * oh * ow, k * k, c).transpose(2, 0, 1)  # [C, M, KK]
     rhs = w.reshape(k * k, c).T[:, :, None]                           # [C, KK, 1]
+    extra = -(k * k) % 4
+    if extra:
+        lhs = jnp.pad(lhs, ((0, 0), (0, 0), (0, extra)))
+        rhs = jnp.pad(rhs, ((0, 0), (0, extra), (0, 0)))
     y = jax.lax.dot_general(lhs, rhs, (((2,), (1,)), ((0,), (0,))),
                             preferred_element_type=jnp.int32)        # [C, M, 1]
     return y[:, :, 0].T.reshape(n, oh, ow, c)
 
 
 def _dense(op, x, w, b, c=None):
+    extra = -x.shape[1] % 4  # contractions padded to a multiple of 4, as in _im2col_conv
+    if extra:
+        x, w = jnp.pad(x, ((0, 0), (0, extra))), jnp.pad(w, ((0, extra), (0, 0)))
     y = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     return _bias_add(y, b, op["saturate"], c)
 
@@ -284,7 +296,7 @@ class Executor:
     """A compiled integer program: ``executor(images) -> int32 logits`` (at fraclen
     ``program.logits_fraclen``); ``executor.collect(images)`` also returns every tensor.
     ``backend``: 'vnni' (the AVX-512 VNNI kernel for convolutions), 'xla' (XLA's int8
-    convolution, CPU), 'im2col' (int8 dot_general over patches, CPU and GPU) or None for
+    convolution, CPU only), 'im2col' (int8 dot_general over patches, CPU and GPU) or None for
     ``default_backend()``."""
 
     def __init__(self, program: IntegerProgram, backend: Optional[str] = None):
@@ -323,23 +335,14 @@ def serialize(program: IntegerProgram, batch_size: int, backend: str = "im2col")
     if backend == "vnni":
         raise ValueError("the 'vnni' backend calls a local kernel: serialize with 'im2col' "
                          "or 'xla'")
+    platforms = ("cpu", "cuda") if backend == "im2col" else ("cpu",)  # no int8 conv on CUDA
     plan = _Plan(program, backend)
     arrays = {k: jnp.asarray(v) for k, v in plan.arrays.items()}
     fn = jax.jit(lambda images: _execute(program, plan, arrays, images, False))
     spec = jax.ShapeDtypeStruct((batch_size,) + tuple(program.image_shape), jnp.uint8)
-    return jax.export.export(fn, platforms=("cpu", "cuda"))(spec).serialize()
+    return jax.export.export(fn, platforms=platforms)(spec).serialize()
 
 
 def deserialize(data: bytes) -> "jax.export.Exported":
     """An executor serialized by ``serialize``: call it with ``.call(images)``."""
     return jax.export.deserialize(bytearray(data))
-
-
-def run(program: IntegerProgram, images, *, batch_size: Optional[int] = None) -> np.ndarray:
-    """Logits of all ``images`` (numpy), in batches of ``batch_size``."""
-    executor = Executor(program)
-    images = np.asarray(images)
-    n = images.shape[0]
-    batch_size = batch_size or n
-    return np.concatenate([np.asarray(executor(images[i:i + batch_size]))
-                           for i in range(0, n, batch_size)])

@@ -4,7 +4,8 @@
 
 writes FILE.json (op graph, formats, static checks) and FILE.npz (int8 weights, int32
 biases); with --jax_export_batch also FILE.jaxexport, the executor for batches of N uint8
-images serialized with jax.export. Nothing is written if anything fails.
+images serialized with jax.export (for CPU and CUDA). Nothing is written if the export
+fails.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 from f8net_jax.integer import cli
 from f8net_jax.integer.executor import serialize
-from f8net_jax.integer.program import save
+from f8net_jax.integer.program import _paths, save
 
 
 def main(argv=None) -> None:
@@ -27,21 +28,28 @@ def main(argv=None) -> None:
                         help="also write FILE.jaxexport for batches of this many images")
     args = parser.parse_args(argv)
     if args.jax_export_batch < 0:
-        cli.fail(f"--jax_export_batch must be positive, got {args.jax_export_batch}")
+        cli.fail(f"--jax_export_batch must be >= 0 (0: none), got {args.jax_export_batch}")
+    artifact = os.path.splitext(_paths(args.output)[0])[0] + ".jaxexport"
+    tmp = artifact + ".partial"
     try:
         program, _ = cli.export_workdir(args.workdir)
-        serialized = serialize(program, args.jax_export_batch) if args.jax_export_batch else None
+        if args.jax_export_batch:
+            os.makedirs(os.path.dirname(os.path.abspath(artifact)), exist_ok=True)
+            with open(tmp, "wb") as f:  # written aside first, renamed once the program is
+                f.write(serialize(program, args.jax_export_batch))
         json_path, npz_path = save(program, args.output)
         written = [json_path, npz_path]
-        if serialized is not None:
-            path = os.path.splitext(json_path)[0] + ".jaxexport"
-            tmp = path + ".partial"
-            with open(tmp, "wb") as f:
-                f.write(serialized)
-            os.replace(tmp, path)
-            written.append(path)
-    except cli.ERRORS as e:  # save() writes its two files whole or not at all
+        if args.jax_export_batch:
+            os.replace(tmp, artifact)
+            written.append(artifact)
+        elif os.path.exists(artifact):  # an older export's executor: it no longer matches
+            os.remove(artifact)
+            written.append(f"(removed the stale {artifact})")
+    except cli.ERRORS as e:
         cli.fail(str(e))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     for line in cli.describe(program):
         print(line)
     print("wrote " + ", ".join(written))

@@ -140,6 +140,7 @@ class _Builder:
                    "bias": f"{name}/bias", "saturate": bool(saturate),
                    "input_fraclen": in_fl, "weight_fraclen": [int(v) for v in w_fraclen],
                    "check": _check(name, "conv" if "groups" in op else "dense", bound, raw)})
+        op["check"]["bias_saturated"] = self.bias_saturated
         self.ops.append(op)
         return self._tensor(name, "int32", acc_fl, np.clip(lo, -INT32_MAX, INT32_MAX),
                             np.clip(hi, -INT32_MAX, INT32_MAX))
@@ -155,6 +156,9 @@ class _Builder:
         b = np.asarray(entry["bias"], np.float64) * np.exp2(acc_fl.astype(np.float64))
         if not np.array_equal(b, np.round(b)):
             raise ValueError(f"{name}: the reported bias is not on the accumulator's grid")
+        # The simulation saturates the bias in float32, where 2^31 - 1 rounds to 2^31: such
+        # a bias is recorded (the layer then cannot match the simulation exactly anyway).
+        self.bias_saturated = bool(np.any(np.abs(b) > INT32_MAX))
         return q_w, np.clip(b, -INT32_MAX, INT32_MAX).astype(np.int64), w_fl
 
     def conv(self, name: str, src: str, *, strides: int, depthwise: bool = False) -> str:

@@ -119,16 +119,20 @@ def _paths(path: str) -> tuple[str, str]:
     return base + ".json", base + ".npz"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
+_UMASK = _read_umask()  # read once, at import: os.umask is process-wide
+
+
 def save(program: IntegerProgram, path: str) -> tuple[str, str]:
     """Writes PATH.json (graph, formats, checks) and PATH.npz (arrays); a '.json' or '.npz'
-    suffix on ``path`` is dropped first. Both files appear whole or not at all. Returns
-    their paths."""
+    suffix on ``path`` is dropped first. Each file appears whole (written aside, then
+    renamed), the .npz first; the .json records the .npz's checksum, so a pair from two
+    exports is refused on load. Returns their paths."""
     program.validate()
     json_path, npz_path = _paths(path)
     directory = os.path.dirname(os.path.abspath(json_path))
@@ -146,7 +150,7 @@ def save(program: IntegerProgram, path: str) -> tuple[str, str]:
     }
     text = json.dumps(header, indent=1)
     temps = []
-    mode = 0o666 & ~_umask()
+    mode = 0o666 & ~_UMASK
     try:
         for target, payload in ((npz_path, data), (json_path, text.encode())):
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".partial")
@@ -180,8 +184,11 @@ def load(path: str) -> IntegerProgram:
     if header.get("version") != VERSION:
         raise ValueError(f"{json_path} holds program version {header.get('version')!r}; this "
                          f"f8net_jax reads version {VERSION}: export the model again")
-    npz_path = os.path.join(os.path.dirname(json_path), header.get("arrays_file", ""))
-    if not os.path.exists(npz_path):
+    name = header.get("arrays_file")
+    if not isinstance(name, str) or not name or os.path.basename(name) != name:
+        raise ValueError(f"{json_path}: 'arrays_file' must name a file beside it, got {name!r}")
+    npz_path = os.path.join(os.path.dirname(json_path), name)
+    if not os.path.isfile(npz_path):
         raise FileNotFoundError(f"{json_path} refers to {npz_path}, which does not exist")
     data = open(npz_path, "rb").read()
     if hashlib.sha256(data).hexdigest() != header.get("arrays_sha256"):

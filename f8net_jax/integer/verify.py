@@ -29,8 +29,8 @@ from f8net_jax.integer.program import load
 from f8net_jax.integer.verification import Verifier
 
 
-def eval_images(config, num_images: int):
-    """Up to ``num_images`` (all if 0) uint8 eval images and labels of the workdir's data."""
+def eval_images(config):
+    """Batches of (uint8 eval images, labels) of the workdir's data, padding dropped."""
     from f8net_jax import data as data_lib
     dataset = data_lib.create(config, local_devices=1)
     for batch in dataset.eval_batches():
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
                         help="also print each accumulating op's static bound and measured maximum")
     args = parser.parse_args(argv)
     if args.num_images < 0:
-        cli.fail(f"--num_images must be positive, got {args.num_images}")
+        cli.fail(f"--num_images must be >= 0 (0: the whole eval split), got {args.num_images}")
     jax.config.update("jax_default_matmul_precision", "highest")
     try:
         model, variables, config, image_shape = cli.load_fixed_point(args.workdir)
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
                            "only and never divides" if not problems else
                            f"{len(problems)} violations: " + "; ".join(problems[:5])))
         remaining = args.num_images or None
-        for images, labels in eval_images(config, args.num_images):
+        for images, labels in eval_images(config):
             if remaining is not None:
                 images, labels = images[:remaining], labels[:remaining]
                 remaining -= len(images)
