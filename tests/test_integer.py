@@ -85,7 +85,7 @@ IDS = ["resnet20", "resnet20-channel", "resnet20-normalized", "mobilenet_v1",
 def test_integer_program_equals_the_simulation_in_every_tensor(name, size, quant, channels,
                                                                width):
     model, variables, program, x = make(name, size, quant, channels=channels, width=width)
-    sim_fn = verification._simulate_fn(model)
+    sim_fn = verification.simulation_fn(model)
     for backend in BACKENDS:
         report = verify(program, model, variables, x, backend=backend, sim_fn=sim_fn)
         # Logits (int32 / 2^fl) and every layer's input and output equal the simulation's.

@@ -26,10 +26,9 @@ def load_fixed_point(workdir: str):
     return model, variables, config, image_shape
 
 
-def export_workdir(workdir: str) -> tuple[IntegerProgram, tuple]:
-    model, variables, config, image_shape = load_fixed_point(workdir)
-    return export(variables, config.model, config, image_shape=image_shape), \
-        (model, variables, config, image_shape)
+def export_loaded(variables, config, image_shape) -> IntegerProgram:
+    """The integer program of a workdir loaded by ``load_fixed_point``."""
+    return export(variables, config.model, config, image_shape=image_shape)
 
 
 def describe(program: IntegerProgram) -> list:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from f8net_jax import fixed_point as fp
+from f8net_jax.integer import vnni
 from f8net_jax.integer.program import IntegerProgram
 
 INT32_MAX = 2 ** 31 - 1
@@ -74,14 +75,10 @@ def _recode(x, have: str, need: str):
 def _requantize(x, shift, signed: bool, code: str):
     lo, hi = (-127, 127) if signed else (0, 255)
     s = np.asarray(shift, np.int32)
-    if np.all(s > 0):
+    if np.all(s > 0):  # the usual case: one branch of fp.requantize, nothing to select
         r = jnp.clip(fp.rounding_shift(x, _channels(s)), lo, hi)
-    elif np.all(s <= 0):
-        r = fp.saturating_shift_left(x, _channels(-s), lo, hi)
-    else:
-        down = jnp.clip(fp.rounding_shift(x, np.maximum(s, 0)), lo, hi)
-        up = fp.saturating_shift_left(x, np.maximum(-s, 0), lo, hi)
-        r = jnp.where(s > 0, down, up)
+    else:  # the shift is fl_in - fl_out; fp.requantize takes them as two formats >= 0
+        r = fp.requantize(x, np.maximum(s, 0), np.maximum(-s, 0), signed=signed, axis=-1)
     if code == "u8":
         return r.astype(jnp.uint8)
     return (r if signed else r - 128).astype(jnp.int8)
@@ -119,29 +116,31 @@ class _Plan:
                 src = op["in"][0]
                 kind = program.tensors[src]["kind"]
                 w = program.arrays[op["weight"]]
+                bias = program.arrays[op["bias"]].astype(np.int64)
+                wsum = np.sum(w.astype(np.int64), axis=tuple(range(w.ndim - 1)))
+
+                def correction(code):
+                    # The codes' products sum to conv(value) + z * sum(w): subtract it again
+                    # (|z * sum(w)| <= 128 * 127 * fan-in fits int32).
+                    return -_zero_point(kind, code) * wsum
+
                 fast = (backend == "vnni" and op["op"] == "conv" and op["groups"] == 1
-                        and not op["saturate"])
+                        and not op["saturate"]
+                        and np.all(np.abs(bias + correction("u8")) <= INT32_MAX))
                 need = "u8" if fast else "s8"
                 z = _zero_point(kind, need)
-                # The codes' products sum to conv(value) + z * sum(w): subtract it again.
-                wsum = np.sum(w.astype(np.int64), axis=tuple(range(w.ndim - 1)))
-                correction = -z * wsum  # |.| <= 128 * 127 * fan-in: int32
-                bias = program.arrays[op["bias"]].astype(np.int64)
-                if np.any(np.abs(bias + correction) > INT32_MAX):
-                    op["saturate"] = True
-                    fast, need, z = False, "s8", _zero_point(kind, "s8")
-                    correction = -z * wsum
+                if np.any(np.abs(bias + correction(need)) > INT32_MAX):
+                    op["saturate"] = True  # the corrected bias alone leaves int32
                 if op["saturate"]:
                     # Exact conv(value) first (it fits int32), then the saturating bias add.
-                    self.arrays[f"{op['name']}/correction"] = correction.astype(np.int32)
+                    self.arrays[f"{op['name']}/correction"] = correction(need).astype(np.int32)
                 else:
-                    bias = bias + correction
+                    bias = bias + correction(need)
                 bias = bias.astype(np.int32)
                 op.update(need=need, pad_code=z, fast=fast, weight_shape=w.shape,
                           im2col=backend == "im2col")
                 key = op["name"]
                 if fast:
-                    from f8net_jax.integer import vnni
                     packed, cp, cop = vnni.pack_weight(w)
                     padded = np.zeros(cop, np.int32)
                     padded[:bias.size] = bias
@@ -157,7 +156,6 @@ class _Plan:
 def _conv(op, x, w, b, c=None):
     p = op["padding"]
     if op["fast"]:
-        from f8net_jax.integer import vnni
         extra = op["padded_channels"] - op["in_channels"]
         if p or extra:
             x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, extra)),
@@ -277,7 +275,6 @@ def _execute(program: IntegerProgram, plan: _Plan, arrays: dict, images, collect
 def default_backend() -> str:
     """'vnni' on a CPU whose kernel loads (see vnni.available), 'xla' on other CPUs,
     'im2col' on GPUs and TPUs."""
-    from f8net_jax.integer import vnni
     if jax.default_backend() != "cpu":
         return "im2col"
     return "vnni" if vnni.available()[0] else "xla"
@@ -304,7 +301,6 @@ class Executor:
         self.program = program
         self.backend = backend or default_backend()
         if self.backend == "vnni":
-            from f8net_jax.integer import vnni
             ok, why = vnni.available()
             if not ok:
                 raise ValueError(f"backend 'vnni' is not available: {why}")

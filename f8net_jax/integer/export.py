@@ -16,7 +16,7 @@ import sys
 
 from f8net_jax.integer import cli
 from f8net_jax.integer.executor import serialize
-from f8net_jax.integer.program import _paths, save
+from f8net_jax.integer.program import file_paths, save
 
 
 def main(argv=None) -> None:
@@ -29,10 +29,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.jax_export_batch < 0:
         cli.fail(f"--jax_export_batch must be >= 0 (0: none), got {args.jax_export_batch}")
-    artifact = os.path.splitext(_paths(args.output)[0])[0] + ".jaxexport"
+    artifact = os.path.splitext(file_paths(args.output)[0])[0] + ".jaxexport"
     tmp = artifact + ".partial"
     try:
-        program, _ = cli.export_workdir(args.workdir)
+        _, variables, config, image_shape = cli.load_fixed_point(args.workdir)
+        program = cli.export_loaded(variables, config, image_shape)
         if args.jax_export_batch:
             os.makedirs(os.path.dirname(os.path.abspath(artifact)), exist_ok=True)
             with open(tmp, "wb") as f:  # written aside first, renamed once the program is

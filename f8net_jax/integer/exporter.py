@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from f8net_jax import analysis, folding, layers, models
+from f8net_jax import fixed_point as fp
 from f8net_jax.integer.program import IntegerProgram
 from f8net_jax.models import common
 
@@ -47,6 +48,15 @@ def _field(config, name, default):
     if isinstance(config, Mapping):
         return config.get(name, default)
     return getattr(config, name, default)
+
+
+def _magnitude(lo, hi) -> int:
+    """The largest |integer| of per-channel bounds [lo, hi]."""
+    return int(max(np.max(np.abs(lo)), np.max(np.abs(hi))))
+
+
+def _int32(bounds):
+    return np.clip(bounds, -INT32_MAX, INT32_MAX)
 
 
 def _check(name: str, op: str, bound: int, partial: int = 0) -> dict:
@@ -75,7 +85,7 @@ class _Builder:
         lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
         self.tensors[name] = {"kind": kind, "channels": int(fraclen.size),
                               "fraclen": [int(v) for v in fraclen],
-                              "bound": int(max(np.max(np.abs(lo)), np.max(np.abs(hi))))}
+                              "bound": _magnitude(lo, hi)}
         self.bounds[name] = (lo, hi)
         return name
 
@@ -89,17 +99,27 @@ class _Builder:
         return self.table[name]
 
     # -- ops -----------------------------------------------------------------------------
-    def image(self, channels: int, normalized: bool, stem: str, fold_table=None):
-        if not normalized:
-            self.ops.append({"op": "image", "in": [], "out": "image"})
-            return self._tensor("image", "unsigned", [8] * channels, [0] * channels,
-                                [255] * channels)
+    def image(self, channels: int) -> str:
+        """Pixels p, 'unsigned' at fl 8 (the value p / 256)."""
+        self.ops.append({"op": "image", "in": [], "out": "image"})
+        return self._tensor("image", "unsigned", [8] * channels, [0] * channels,
+                            [255] * channels)
+
+    def lookup(self, channels: int, stem: str) -> str:
+        """A normalized image, straight in the stem's signed input format: per channel and
+        pixel value p, round(norm_c(p) * 2^fl) saturated, computed with the simulation's
+        own float ops (common.prepare_image, fp.quantize)."""
         fl = int(self.layer(stem)["input_fraclen"])
+        pixels = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, None, :, None],
+                                 (1, 1, 256, channels))
+        value = common.prepare_image(jnp.asarray(pixels), total_stride=1, model="table",
+                                     normalize=True)
+        q = fp.quantize(value, jnp.float32(fl), signed=True) * fp.pow2(fl)
+        table = np.asarray(q, np.float32)[0, 0].T.astype(np.int8)  # [channels, 256]
         key = f"{stem}/table"
-        self.arrays[key] = fold_table(fl)
+        self.arrays[key] = table
         self.ops.append({"op": "lookup", "in": [], "out": "image", "table": key})
-        return self._tensor("image", "signed", [fl] * channels, self.arrays[key].min(1),
-                            self.arrays[key].max(1))
+        return self._tensor("image", "signed", [fl] * channels, table.min(1), table.max(1))
 
     def input(self, src: str, layer: str, signed: bool) -> str:
         """``layer``'s quantized input read from ``src`` (requantized to its format)."""
@@ -119,9 +139,10 @@ class _Builder:
         return self._tensor(out, kind, [fl] * t["channels"], [lo] * t["channels"],
                             [hi] * t["channels"])
 
-    def _accumulate(self, op: dict, name: str, src: str, q_w: np.ndarray, bias: np.ndarray,
-                    w_fraclen: np.ndarray, reduce_axes: tuple):
+    def _accumulate(self, op: dict, name: str, src: str, weight: np.ndarray,
+                    reduce_axes: tuple):
         t = self.tensors[src]
+        q_w, bias, w_fraclen, bias_saturated = self._weights(name, weight, weight.shape[-1])
         signed = t["kind"] == "signed"
         lo_in, hi_in = SIGNED if signed else UNSIGNED
         w = q_w.astype(np.int64)
@@ -129,8 +150,7 @@ class _Builder:
         neg = np.sum(np.minimum(w, 0), axis=reduce_axes)
         raw_hi, raw_lo = hi_in * pos + lo_in * neg, lo_in * pos + hi_in * neg
         lo, hi = raw_lo + bias, raw_hi + bias
-        bound = int(max(np.max(np.abs(lo)), np.max(np.abs(hi))))
-        raw = int(max(np.max(np.abs(raw_lo)), np.max(np.abs(raw_hi))))
+        bound, raw = _magnitude(lo, hi), _magnitude(raw_lo, raw_hi)
         saturate = bound > INT32_MAX
         self.arrays[f"{name}/weight"] = q_w.astype(np.int8)
         self.arrays[f"{name}/bias"] = bias.astype(np.int32)
@@ -139,11 +159,10 @@ class _Builder:
         op.update({"name": name, "in": [src], "out": name, "weight": f"{name}/weight",
                    "bias": f"{name}/bias", "saturate": bool(saturate),
                    "input_fraclen": in_fl, "weight_fraclen": [int(v) for v in w_fraclen],
-                   "check": _check(name, "conv" if "groups" in op else "dense", bound, raw)})
-        op["check"]["bias_saturated"] = self.bias_saturated
+                   "check": dict(_check(name, op["op"], bound, raw),
+                                 bias_saturated=bias_saturated)})
         self.ops.append(op)
-        return self._tensor(name, "int32", acc_fl, np.clip(lo, -INT32_MAX, INT32_MAX),
-                            np.clip(hi, -INT32_MAX, INT32_MAX))
+        return self._tensor(name, "int32", acc_fl, _int32(lo), _int32(hi))
 
     def _weights(self, name: str, weight: np.ndarray, channels: int):
         entry = self.layer(name)
@@ -158,24 +177,19 @@ class _Builder:
             raise ValueError(f"{name}: the reported bias is not on the accumulator's grid")
         # The simulation saturates the bias in float32, where 2^31 - 1 rounds to 2^31: such
         # a bias is recorded (the layer then cannot match the simulation exactly anyway).
-        self.bias_saturated = bool(np.any(np.abs(b) > INT32_MAX))
-        return q_w, np.clip(b, -INT32_MAX, INT32_MAX).astype(np.int64), w_fl
+        saturated = bool(np.any(np.abs(b) > INT32_MAX))
+        return q_w, _int32(b).astype(np.int64), w_fl, saturated
 
     def conv(self, name: str, src: str, *, strides: int, depthwise: bool = False) -> str:
-        entry = self.layer(name)
-        if int(entry["input_fraclen"]) != self.tensors[src]["fraclen"][0]:
-            raise ValueError(f"{name}: input format mismatch")
-        weight = np.asarray(entry["weight"])
+        weight = np.asarray(self.layer(name)["weight"])
         k, _, _, features = weight.shape
-        q_w, bias, w_fl = self._weights(name, weight, features)
         op = {"op": "conv", "strides": int(strides), "padding": k // 2,
               "groups": features if depthwise else 1}
-        return self._accumulate(op, name, src, q_w, bias, w_fl, (0, 1, 2))
+        return self._accumulate(op, name, src, weight, (0, 1, 2))
 
     def dense(self, name: str, src: str) -> str:
         weight = np.asarray(self.layer(name)["weight"])
-        q_w, bias, w_fl = self._weights(name, weight, weight.shape[1])
-        return self._accumulate({"op": "dense"}, name, src, q_w, bias, w_fl, (0,))
+        return self._accumulate({"op": "dense"}, name, src, weight, (0,))
 
     def relu(self, src: str) -> str:
         out = f"{src}/relu"
@@ -191,12 +205,12 @@ class _Builder:
         sa, sb = fl - fa, fl - fb
         lo = lo_a * 2 ** sa + lo_b * 2 ** sb
         hi = hi_a * 2 ** sa + hi_b * 2 ** sb
-        bound = int(max(np.max(np.abs(lo)), np.max(np.abs(hi))))
+        bound = _magnitude(lo, hi)
         self.ops.append({"op": "add", "name": name, "in": [a, b], "out": name,
                          "shift": [[int(v) for v in sa], [int(v) for v in sb]],
                          "relu": relu, "saturate": bound > INT32_MAX,
                          "check": _check(name, "add", bound)})
-        lo, hi = np.clip(lo, -INT32_MAX, INT32_MAX), np.clip(hi, -INT32_MAX, INT32_MAX)
+        lo, hi = _int32(lo), _int32(hi)
         if relu:
             lo, hi = np.maximum(lo, 0), np.maximum(hi, 0)
         return self._tensor(name, "int32", fl, lo, hi)
@@ -210,12 +224,12 @@ class _Builder:
         shift = folding.pool_shift(window)
         lo, hi = self.bounds[src]
         lo, hi = lo * window, hi * window
-        bound = int(max(np.max(np.abs(lo)), np.max(np.abs(hi))))
+        bound = _magnitude(lo, hi)
         self.ops.append({"op": "avg_pool", "name": "avg_pool", "in": [src], "out": "avg_pool",
                          "shift": shift, "window": window, "saturate": bound > INT32_MAX,
                          "check": _check("avg_pool", "avg_pool", bound)})
-        return self._tensor("avg_pool", "int32", self.fraclen(src) + shift,
-                            np.clip(lo, -INT32_MAX, INT32_MAX), np.clip(hi, -INT32_MAX, INT32_MAX))
+        return self._tensor("avg_pool", "int32", self.fraclen(src) + shift, _int32(lo),
+                            _int32(hi))
 
 
 # --------------------------------------------------------------------------------------
@@ -289,21 +303,6 @@ def _mobilenet_v2(b: _Builder, image: str, image_shape, params) -> str:
     return b.dense("classifier", b.input(x, "classifier", signed=False))
 
 
-def _normalized_table(channels: int):
-    """The stem's input for a normalized image, per channel and pixel value, computed with
-    the simulation's own float ops: table[c, p] = round(norm_c(p) * 2^fl) saturated."""
-    from f8net_jax import fixed_point as fp
-
-    def table(fl: int) -> np.ndarray:
-        pixels = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, None, :, None],
-                                 (1, 1, 256, channels))
-        value = common.prepare_image(jnp.asarray(pixels), total_stride=1, model="table",
-                                     normalize=True)
-        q = fp.quantize(value, jnp.float32(fl), signed=True) * fp.pow2(fl)
-        return np.asarray(q, np.float32)[0, 0].T.astype(np.int8)  # [channels, 256]
-    return table
-
-
 def export(variables: Mapping[str, Any], model_name: str, config, *,
            image_shape: Optional[tuple] = None) -> IntegerProgram:
     """The integer program of a fixed-point model.
@@ -354,18 +353,14 @@ def export(variables: Mapping[str, Any], model_name: str, config, *,
         raise ValueError(f"the variables are not those of a {model_name} "
                          f"({str(e).splitlines()[0]})") from None
     b = _Builder(table)
-    image = b.image(channels, quant.normalized_input, "stem", _normalized_table(channels))
+    image = b.lookup(channels, "stem") if quant.normalized_input else b.image(channels)
     if model_name.startswith("resnet"):
         output = _resnet(b, model_name, image, image_shape, params)
     elif model_name == "mobilenet_v1":
         output = _mobilenet_v1(b, image, image_shape, params)
     else:
         output = _mobilenet_v2(b, image, image_shape, params)
-    checks = [op["check"] for op in b.ops if "check" in op]
-    info = {"quant": dataclasses.asdict(quant), "width_multiplier": width,
-            "max_accumulator_bound": max(c["accumulator_bound"] for c in checks),
-            "float32_inexact": [c["layer"] for c in checks if not c["float32_exact"]],
-            "saturating_ops": [op.get("name", op["out"]) for op in b.ops if op.get("saturate")]}
+    info = {"quant": dataclasses.asdict(quant), "width_multiplier": width}
     info["quant"]["weight_format"] = list(quant.weight_format)
     info["quant"]["input_format"] = list(quant.input_format)
     program = IntegerProgram(model=model_name, num_classes=num_classes, image_shape=image_shape,

@@ -114,7 +114,8 @@ class IntegerProgram:
             fail(f"output {self.output!r} is not written by any op")
 
 
-def _paths(path: str) -> tuple[str, str]:
+def file_paths(path: str) -> tuple[str, str]:
+    """(PATH.json, PATH.npz) of a program path, with or without either suffix."""
     base = path[:-5] if path.endswith(".json") else path[:-4] if path.endswith(".npz") else path
     return base + ".json", base + ".npz"
 
@@ -134,7 +135,7 @@ def save(program: IntegerProgram, path: str) -> tuple[str, str]:
     renamed), the .npz first; the .json records the .npz's checksum, so a pair from two
     exports is refused on load. Returns their paths."""
     program.validate()
-    json_path, npz_path = _paths(path)
+    json_path, npz_path = file_paths(path)
     directory = os.path.dirname(os.path.abspath(json_path))
     os.makedirs(directory, exist_ok=True)
     buffer = io.BytesIO()
@@ -170,7 +171,7 @@ def save(program: IntegerProgram, path: str) -> tuple[str, str]:
 def load(path: str) -> IntegerProgram:
     """Reads a program written by ``save`` (PATH, PATH.json or PATH.npz). Raises ValueError
     naming the file for another format or version, a corrupt or mismatched file."""
-    json_path, npz_path = _paths(path)
+    json_path, npz_path = file_paths(path)
     if not os.path.exists(json_path):
         raise FileNotFoundError(f"no integer program at {json_path}")
     try:

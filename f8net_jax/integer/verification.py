@@ -19,7 +19,9 @@ from f8net_jax.integer.executor import Executor
 from f8net_jax.integer.program import IntegerProgram
 
 
-def _simulate_fn(model):
+def simulation_fn(model):
+    """The simulation's jitted eval forward capturing every module's output (to reuse across
+    ``simulate`` calls)."""
     apply = functools.partial(model.apply, train=False, capture_intermediates=True,
                               mutable=["intermediates"])
     return jax.jit(apply)
@@ -28,7 +30,7 @@ def _simulate_fn(model):
 def simulate(model, variables, images, fn=None):
     """(eval logits, {module path: first output}) of the fixed-point simulation, with
     float32 matmuls and convolutions at highest precision (no TF32 or bf16 passes)."""
-    fn = fn or _simulate_fn(model)
+    fn = fn or simulation_fn(model)
     variables = {k: v for k, v in variables.items()
                  if k in ("params", "batch_stats", "quant_stats")}
     with jax.default_matmul_precision("highest"):
@@ -87,7 +89,7 @@ class Verifier:
     def __init__(self, program: IntegerProgram, model, variables, backend=None, sim_fn=None):
         self.program, self.model, self.variables = program, model, variables
         self.executor = Executor(program, backend=backend)
-        self.sim_fn = sim_fn or _simulate_fn(model)
+        self.sim_fn = sim_fn or simulation_fn(model)
         self.pairs = pairs(program)
         self.report = Report()
 

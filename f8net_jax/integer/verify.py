@@ -64,7 +64,7 @@ def main(argv=None) -> None:
                     f"{tuple(program.image_shape)}; {args.workdir} trains {config.model} "
                     f"on {image_shape}")
         else:
-            program, _ = cli.export_workdir(args.workdir)
+            program = cli.export_loaded(variables, config, image_shape)
         verifier = Verifier(program, model, variables)
         problems = audit.audit(verifier.executor.jaxpr())
         for line in cli.describe(program):
