@@ -30,6 +30,9 @@ def get_config():
         rescale_classifier=True,          # classifier weight rescaling (official configs)
         share_classifier_alpha=False,     # classifier reads the last chain's alpha (8.7)
         normalized_input=False,           # feed mean/std-normalized images instead of pixels
+        precision="float32",              # operands of the float products and the backward:
+                                          # "float32", or "bfloat16" on GPU/TPU (f8net_jax.ops)
+        conv_backend="auto",              # "auto" (oneDNN on CPU if found), "xla", "onednn"
     ))
 
     # Data.

@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from f8net_jax import ops
 from f8net_jax import fixed_point as fp
 from f8net_jax import folding
 
@@ -70,6 +71,8 @@ class QuantConfig:
     share_classifier_alpha: bool = False  # METHOD.md 8.7: classifier reads the chain's alpha
     normalized_input: bool = False  # images arrive normalized (signed) instead of as pixels
     batch_axis_name: Optional[str] = None  # pmap axis: batch statistics over all devices
+    precision: str = "float32"     # operands of the float products and of the backward
+    conv_backend: str = "auto"     # "auto", "xla" or "onednn" (f8net_jax.ops)
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)
@@ -100,6 +103,12 @@ class QuantConfig:
             raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
         if not self.alpha_init > 0:
             raise ValueError(f"alpha_init must be positive, got {self.alpha_init}")
+        ops.Precision(self.precision, self.conv_backend)  # checks both
+
+    @property
+    def compute(self) -> ops.Precision:
+        """The precision policy of this model's products (f8net_jax.ops)."""
+        return ops.Precision(self.precision, self.conv_backend)
 
     @property
     def fixed(self) -> bool:
@@ -226,13 +235,6 @@ def _mean_over_batch(y, axis_name):
     return mean if axis_name is None else jax.lax.pmean(mean, axis_name)
 
 
-def _conv(x, kernel, strides, padding, groups, precision=None):
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(strides, strides), padding=[(padding, padding)] * 2,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
-        precision=precision)
-
-
 class Reader:
     """The reader interface (see scale_plan) of a module whose ``input`` is the
     InputQuantizer of the stream it reads."""
@@ -282,9 +284,10 @@ class QuantConvBN(Reader, nn.Module):
         self.input = InputQuantizer(kind=self.input_kind, owns_alpha=self.owns_alpha,
                                     quant=self.quant)
 
-    def _conv(self, x, kernel, precision=None):
-        groups = self.features if self.depthwise else 1
-        return _conv(x, kernel, self.strides, self.kernel_size // 2, groups, precision)
+    def _conv(self, x, kernel, exact: bool = False):
+        return ops.conv2d(x, kernel, strides=self.strides, padding=self.kernel_size // 2,
+                           groups=self.features if self.depthwise else 1, exact=exact,
+                           precision=self.quant.compute)
 
     def _batch_norm_statistics(self, y, train: bool):
         if not train:
@@ -322,8 +325,8 @@ class QuantConvBN(Reader, nn.Module):
             self.sow("folded", "bias", b_f)  # eval: on the accumulator's grid
         _sow_formats(self, in_fraclen, w_fraclen, alpha)
         self.sow("folded", "weight", w_f)
-        # Exact in float32: products of two 8-bit grids, sums below 2^24 in integer units.
-        return self._conv(x_q, w_q, precision=jax.lax.Precision.HIGHEST) + b_f
+        # Exact: products of two 8-bit grids, sums below 2^24 in integer units.
+        return self._conv(x_q, w_q, exact=True) + b_f
 
 
 class QuantDense(Reader, nn.Module):
@@ -365,30 +368,33 @@ class QuantDense(Reader, nn.Module):
         q = self.quant
         x_q, in_fraclen, in_scale = self.input(x, alpha=alpha, train=train)
         if not q.fixed:
-            return (input_factor * x_q) @ (self._rescale(self.kernel) * self.kernel) + self.bias
+            return ops.matmul(input_factor * x_q, self._rescale(self.kernel) * self.kernel,
+                               precision=q.compute) + self.bias
         w_fraclen = folding.choose_fraclen(self.kernel, q.format_rule, signed=True, bits=q.bits)
         w_q = fp.quantize(self.kernel, w_fraclen, signed=True, bits=q.bits)
         ws = self._rescale(w_q)
         _sow_formats(self, in_fraclen, w_fraclen, alpha)
         self.sow("folded", "weight", self.kernel)
         scale = in_scale * input_factor * ws  # one constant: logits = scale * (Q(x) @ Q(w))
-        hi = jax.lax.Precision.HIGHEST
+        product = ops.matmul(x_q, w_q, exact=True, precision=q.compute)
         if train:
-            return scale * jnp.matmul(x_q, w_q, precision=hi) + self.bias
+            return scale * product + self.bias
         bias = folding.round_bias(self.bias / scale, in_fraclen + w_fraclen)
         self.sow("formats", "logit_scale", scale)  # eval logits * this = train units
         self.sow("folded", "bias", bias)
-        return jnp.matmul(x_q, w_q, precision=hi) + bias
+        return product + bias
 
 
 # --------------------------------------------------------------------------------------
 # Pooling and the scale plan.
 
 
-def max_pool(x, window: int = 3, strides: int = 2, padding: int = 1):
-    """Max pooling with symmetric padding (padded values never win: -inf)."""
-    return nn.max_pool(x, (window, window), (strides, strides),
-                       padding=[(padding, padding)] * 2)
+def max_pool(x, window: int = 3, strides: int = 2, padding: int = 1,
+             precision: ops.Precision = ops.Precision()):
+    """Max pooling with symmetric padding (padded values never win); its gradient goes to
+    the first maximum of each window (f8net_jax.ops.max_pool)."""
+    return ops.max_pool(x, window=window, strides=strides, padding=padding,
+                        precision=precision)
 
 
 def global_average_pool(x, quant: QuantConfig):

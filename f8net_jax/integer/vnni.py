@@ -3,26 +3,25 @@ by an AVX-512 VNNI kernel (kernels/conv_u8s8.cc), called through the XLA FFI.
 
 XLA's own int8 convolution runs on this kind of CPU at 0.24x to 2.5x the speed of its
 float32 one, the kernel at 2.2x to 6.8x (benchmarks/int8_conv.py measures both per
-layer); vpdpbusd multiplies 8-bit by 8-bit and sums four products into an int32 lane. The kernel is compiled with g++ on first use
-into a cache directory ($F8NET_JAX_CACHE, default ~/.cache/f8net_jax) and used only on
-x86-64 CPUs that report avx512_vnni; ``available()`` says whether it loaded and, if not,
-why (the executor then uses XLA's convolution).
+layer); vpdpbusd multiplies 8-bit by 8-bit and sums four products into an int32 lane.
+The kernel is compiled on first use (f8net_jax.native) and used only on x86-64 CPUs that
+report avx512_vnni; ``available()`` says whether it loaded and, if not, why (the executor
+then uses XLA's convolution).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import os
 import platform
 import subprocess
-import tempfile
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from f8net_jax import native
 
 TARGET = "f8net_conv_u8s8"
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "conv_u8s8.cc")
@@ -41,27 +40,6 @@ def _cpu_has_vnni() -> bool:
         return False
 
 
-def _build() -> str:
-    source = open(SOURCE, "rb").read()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode()
-                         + jax.ffi.include_dir().encode()).hexdigest()[:16]
-    cache = os.environ.get("F8NET_JAX_CACHE",
-                           os.path.join(os.path.expanduser("~"), ".cache", "f8net_jax"))
-    path = os.path.join(cache, f"conv_u8s8-{key}.so")
-    if not os.path.exists(path):
-        os.makedirs(cache, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.partial")
-        os.close(fd)
-        try:
-            subprocess.run([os.environ.get("CXX", "g++"), *FLAGS, "-I", jax.ffi.include_dir(),
-                            SOURCE, "-o", tmp], check=True, capture_output=True, text=True)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return path
-
-
 @functools.lru_cache(maxsize=None)
 def _load() -> Optional[str]:
     """None once the kernel is registered, else the reason it is not."""
@@ -70,13 +48,9 @@ def _load() -> Optional[str]:
     if not _cpu_has_vnni():
         return "this CPU has no AVX-512 VNNI"
     try:
-        path = _build()
-        library = ctypes.cdll.LoadLibrary(path)
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.F8netConvU8S8),
-                                    platform="cpu")
+        native.load(native.build(SOURCE, "conv_u8s8", FLAGS), {TARGET: "F8netConvU8S8"})
     except (OSError, subprocess.CalledProcessError, AttributeError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        return f"the kernel did not build or load: {detail.strip()[:300]}"
+        return f"the kernel did not build or load: {native.failure(e)}"
     return None
 
 

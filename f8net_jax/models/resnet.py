@@ -117,7 +117,7 @@ class ResNet(nn.Module):
         x = stem(x, alpha=alphas[0], out_scale=scales[1], train=train)
         x = nn.relu(x)
         if not self.cifar_stem:
-            x = max_pool(x, 3, 2, 1)
+            x = max_pool(x, 3, 2, 1, precision=self.quant.compute)
         for i, block in enumerate(blocks):
             x = block(x, alpha=alphas[i + 1], out_scale=scales[i + 2], train=train)
         x, factor = global_average_pool(x, self.quant)

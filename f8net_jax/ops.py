@@ -1,0 +1,443 @@
+"""The convolutions, matmuls and max pools of the models: which implementation, which
+precision.
+
+Precision policy. A quantized layer runs two kinds of products (docs/METHOD.md 4):
+
+* the *exact* pass conv(Q(x), Q(W_f)) and the classifier's Q(x) @ Q(w): both operands are
+  8-bit integers times powers of two, exactly representable in bfloat16, so they take
+  bfloat16 operands with float32 accumulation (``preferred_element_type``). The result is
+  the float32 one bit for bit wherever float32 is exact (integer partial sums below 2^24,
+  which the integer exporter checks); on accelerators this is the tensor-core/MXU path
+  instead of Precision.HIGHEST's emulated float32;
+* the *float* products: the BatchNorm-statistics pass conv(s * Q(x), W), the float model,
+  and the backward of both. Their operand precision is ``Precision.dtype`` ('float32',
+  the default and the only choice worth having on a CPU, or 'bfloat16' on accelerators),
+  with float32 accumulation.
+
+Implementation (``backend``). 'xla' is lax.conv_general_dilated. 'onednn' runs float32
+convolutions, forward and both gradients, and max pooling through oneDNN
+(kernels/train_onednn.cc, custom calls of the XLA FFI): on this project's CPUs XLA's convolutions are 2-3x slower than
+oneDNN's. 'auto' takes oneDNN on the CPU when the library is found (``onednn_status()``
+says whether and why not) and XLA elsewhere. The exact pass is exact in float32 too, so
+oneDNN computes it in float32 and returns the same numbers as bfloat16 operands would.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import glob
+import os
+import platform
+import subprocess
+import sys
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from f8net_jax import native
+
+BACKENDS = ("auto", "xla", "onednn")
+DTYPES = ("float32", "bfloat16")
+
+SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "train_onednn.cc")
+TARGETS = {"f8net_conv_f32_forward": "F8netConvF32Forward",
+           "f8net_conv_f32_backward_data": "F8netConvF32BackwardData",
+           "f8net_conv_f32_backward_weights": "F8netConvF32BackwardWeights",
+           "f8net_max_pool_forward": "F8netMaxPoolForward",
+           "f8net_max_pool_backward": "F8netMaxPoolBackward"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How the training step computes its products (see the module docstring).
+
+    dtype: operand precision of the float products (BatchNorm-statistics pass, float
+      model, backward of every pass): 'float32' or 'bfloat16'; accumulation is float32.
+    backend: 'auto', 'xla' or 'onednn'.
+    exact_dtype: operands of the exact pass under XLA: 'bfloat16', 'float32', or 'auto'
+      (bfloat16 on accelerators; float32 on the CPU, where XLA's bfloat16 convolution is
+      slower and float32 is as exact).
+    """
+
+    dtype: str = "float32"
+    backend: str = "auto"
+    exact_dtype: str = "auto"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"precision must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.exact_dtype not in DTYPES + ("auto",):
+            raise ValueError(f"exact_dtype must be one of {list(DTYPES) + ['auto']}, got "
+                             f"{self.exact_dtype!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"conv_backend must be one of {list(BACKENDS)}, got "
+                             f"{self.backend!r}")
+
+    def exact_operands(self) -> str:
+        """The operand dtype of the exact pass under XLA."""
+        if self.exact_dtype != "auto":
+            return self.exact_dtype
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+    def resolve(self) -> str:
+        """The backend that runs: 'onednn' or 'xla'."""
+        if self.backend == "xla":
+            return "xla"
+        ok, why = onednn_status()
+        if self.backend == "onednn" and not ok:
+            raise RuntimeError(f"conv_backend 'onednn' is not available: {why}")
+        if ok and self.dtype == "float32":
+            return "onednn"
+        return "xla"
+
+
+# --------------------------------------------------------------------------------------
+# Finding and building oneDNN.
+
+
+def _onednn_roots() -> list[str]:
+    """Prefixes holding include/oneapi/dnnl/dnnl.hpp and lib*/libdnnl.so, in order:
+    $ONEDNN_ROOT, this Python's prefix (pip's onednn-devel), the system (/usr)."""
+    roots = [os.environ.get("ONEDNN_ROOT", ""), sys.prefix, "/usr/local", "/usr"]
+    return [r for r in roots if r and os.path.exists(os.path.join(
+        r, "include", "oneapi", "dnnl", "dnnl.hpp"))]
+
+
+def _library_dir(root: str) -> Optional[str]:
+    for pattern in ("lib", "lib64", "lib/*-linux-gnu"):
+        for d in glob.glob(os.path.join(root, pattern)):
+            if glob.glob(os.path.join(d, "libdnnl.so*")):
+                return d
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(library, None) once the oneDNN handlers are registered, else (None, reason)."""
+    if os.environ.get("F8NET_JAX_NO_ONEDNN"):
+        return None, "disabled by F8NET_JAX_NO_ONEDNN"
+    if platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+        return None, f"no oneDNN build for {platform.machine()}"
+    reasons = []
+    for root in _onednn_roots():
+        libdir = _library_dir(root)
+        if libdir is None:
+            reasons.append(f"{root}: headers but no libdnnl.so")
+            continue
+        flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+                 "-I", os.path.join(root, "include")]
+        libs = [f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-ldnnl"]
+        try:
+            return native.load(native.build(SOURCE, "train_onednn", flags, libs),
+                               TARGETS), None
+        except (OSError, subprocess.CalledProcessError, AttributeError) as e:
+            reasons.append(f"{root}: {native.failure(e)}")
+    if not reasons:
+        return None, ("oneDNN not found (install Debian's libdnnl-dev, or set ONEDNN_ROOT "
+                      "to a prefix with include/oneapi/dnnl and lib/libdnnl.so)")
+    return None, "; ".join(reasons)
+
+
+def onednn_status() -> tuple[bool, str]:
+    """(True, '') if the oneDNN convolutions are ready and JAX computes on the CPU, else
+    (False, why)."""
+    if jax.default_backend() != "cpu":
+        return False, f"JAX runs on {jax.default_backend()}; the oneDNN kernels on the CPU"
+    library, reason = _load()
+    return library is not None, reason or ""
+
+
+def onednn_implementation(kind: str, x_shape, kernel_shape, *, strides: int, padding: int,
+                          groups: int = 1) -> str:
+    """The name of the kernel oneDNN picks for one convolution ('forward',
+    'backward_data', 'backward_weights'), e.g. 'brg:avx512_core' or 'jit:avx512_core'."""
+    library, reason = _load()
+    if library is None:
+        raise RuntimeError(f"oneDNN is not available: {reason}")
+    n, h, w, c = x_shape
+    kh, kw, _, o = kernel_shape
+    oh, ow = (h + 2 * padding - kh) // strides + 1, (w + 2 * padding - kw) // strides + 1
+    geometry = np.array([n, h, w, c, o, kh, kw, oh, ow, strides, padding, groups], np.int64)
+    out = ctypes.create_string_buffer(128)
+    impl = library.F8netConvF32Impl
+    impl.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64]
+    kinds = {"forward": 0, "backward_data": 1, "backward_weights": 2}
+    if impl(kinds[kind], geometry.ctypes.data, out, len(out)) != 0:
+        raise RuntimeError("oneDNN could not create this convolution")
+    return out.value.decode()
+
+
+# --------------------------------------------------------------------------------------
+# Convolutions.
+
+
+def _xla_conv(x, kernel, strides, padding, groups, *, precision=None,
+              preferred_element_type=None):
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(strides, strides), padding=[(padding, padding)] * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        precision=precision, preferred_element_type=preferred_element_type)
+
+
+def _ffi(target, operand, other, out_shape, strides, padding, groups):
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                            vmap_method="sequential")(
+        operand, other, stride=np.int64(strides), pad=np.int64(padding),
+        groups=np.int64(groups))
+
+
+def _out_shape(x_shape, kernel_shape, strides, padding):
+    n, h, w, _ = x_shape
+    kh, kw, _, o = kernel_shape
+    return (n, (h + 2 * padding - kh) // strides + 1, (w + 2 * padding - kw) // strides + 1, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _onednn_conv(x, kernel, strides, padding, groups):
+    shape = _out_shape(x.shape, kernel.shape, strides, padding)
+    return _ffi("f8net_conv_f32_forward", x, kernel, shape, strides, padding, groups)
+
+
+def _onednn_conv_fwd(x, kernel, strides, padding, groups):
+    return _onednn_conv(x, kernel, strides, padding, groups), (x, kernel)
+
+
+def _onednn_conv_bwd(strides, padding, groups, residuals, g):
+    x, kernel = residuals
+    g = g.astype(jnp.float32)
+    dx = _ffi("f8net_conv_f32_backward_data", g, kernel, x.shape, strides, padding, groups)
+    dw = _ffi("f8net_conv_f32_backward_weights", x, g, kernel.shape, strides, padding, groups)
+    return dx, dw
+
+
+_onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
+
+
+def _lowp(dtype: str):
+    return jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _xla_mixed_conv(x, kernel, strides, padding, groups, forward_dtype, backward_dtype):
+    """conv with operands cast to ``forward_dtype``, float32 accumulation; its gradients
+    with operands (and the incoming gradient) cast to ``backward_dtype``."""
+    dt = _lowp(forward_dtype)
+    return _xla_conv(x.astype(dt), kernel.astype(dt), strides, padding, groups,
+                     precision=_highest(forward_dtype), preferred_element_type=jnp.float32)
+
+
+def _xla_mixed_conv_fwd(x, kernel, strides, padding, groups, forward_dtype, backward_dtype):
+    y = _xla_mixed_conv(x, kernel, strides, padding, groups, forward_dtype, backward_dtype)
+    return y, (x, kernel)
+
+
+def _xla_mixed_conv_bwd(strides, padding, groups, forward_dtype, backward_dtype, residuals, g):
+    x, kernel = residuals
+    dt = _lowp(backward_dtype)
+    _, vjp = jax.vjp(lambda a, b: _xla_conv(a, b, strides, padding, groups,
+                                            precision=_highest(backward_dtype)),
+                     x.astype(dt), kernel.astype(dt))
+    dx, dw = vjp(g.astype(dt))
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+_xla_mixed_conv.defvjp(_xla_mixed_conv_fwd, _xla_mixed_conv_bwd)
+
+
+def _highest(dtype: str):
+    """float32 operands mean true float32 (no TF32 or bf16 passes on accelerators)."""
+    return jax.lax.Precision.HIGHEST if dtype == "float32" else None
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, strides: int = 1, padding: int = 0,
+           groups: int = 1, exact: bool = False,
+           precision: Precision = Precision()) -> jax.Array:
+    """y = conv(x, kernel) for NHWC x and HWIO kernel, symmetric zero padding, float32
+    result.
+
+    ``exact``: both operands lie on 8-bit fixed-point grids (the second pass of a quantized
+    layer): bfloat16 operands (``precision.exact_operands()``), float32 accumulation,
+    bit-identical to float32 while the integer partial sums stay below 2^24. Otherwise the
+    products use ``precision.dtype``.
+    The backward always uses ``precision.dtype``.
+    """
+    backend = precision.resolve()
+    if backend == "onednn":
+        return _onednn_conv(x.astype(jnp.float32), kernel.astype(jnp.float32), strides,
+                            padding, groups)
+    forward = precision.exact_operands() if exact else precision.dtype
+    if forward == "float32" and precision.dtype == "float32":
+        return _xla_conv(x, kernel, strides, padding, groups,
+                         precision=jax.lax.Precision.HIGHEST)
+    return _xla_mixed_conv(x, kernel, strides, padding, groups, forward, precision.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _mixed_matmul(x, w, forward_dtype, backward_dtype):
+    dt = _lowp(forward_dtype)
+    return jnp.matmul(x.astype(dt), w.astype(dt), precision=_highest(forward_dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _mixed_matmul_fwd(x, w, forward_dtype, backward_dtype):
+    return _mixed_matmul(x, w, forward_dtype, backward_dtype), (x, w)
+
+
+def _mixed_matmul_bwd(forward_dtype, backward_dtype, residuals, g):
+    x, w = residuals
+    dt = _lowp(backward_dtype)
+    hi = _highest(backward_dtype)
+    g = g.astype(dt)
+    dx = jnp.matmul(g, w.astype(dt).T, precision=hi, preferred_element_type=jnp.float32)
+    dw = jnp.matmul(x.astype(dt).T, g, precision=hi, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array, *, exact: bool = False,
+           precision: Precision = Precision()) -> jax.Array:
+    """x @ w with float32 result; ``exact`` and ``precision`` as in ``conv2d``."""
+    forward = precision.exact_operands() if exact else precision.dtype
+    if forward == "float32" and precision.dtype == "float32":
+        return jnp.matmul(x, w, precision=jax.lax.Precision.HIGHEST)
+    return _mixed_matmul(x, w, forward, precision.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Max pooling.
+#
+# Autodiff of a window max would use select-and-scatter, which on XLA:CPU costs more than a
+# ResNet-18 convolution (170 ms for the stem's pool at batch 8); both backends here route
+# the gradient to the first maximum of each window in row-major order, as XLA's and
+# PyTorch's do.
+
+
+def _window_views(xp, window, strides, out_h, out_w):
+    """(i, j, view): the window offset and the strided view of the padded input it sees."""
+    n, _, _, c = xp.shape
+    for i in range(window):
+        for j in range(window):
+            yield i, j, jax.lax.slice(xp, (0, i, j, 0),
+                                      (n, i + (out_h - 1) * strides + 1,
+                                       j + (out_w - 1) * strides + 1, c),
+                                      (1, strides, strides, 1))
+
+
+def _xla_max_pool_forward(x, window, strides, padding):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
+                                 (1, strides, strides, 1),
+                                 [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _xla_max_pool(x, window, strides, padding):
+    return _xla_max_pool_forward(x, window, strides, padding)
+
+
+def _xla_max_pool_fwd(x, window, strides, padding):
+    y = _xla_max_pool_forward(x, window, strides, padding)
+    return y, (x, y)
+
+
+def _xla_max_pool_bwd(window, strides, padding, residuals, g):
+    x, y = residuals
+    n, h, w, c = x.shape
+    xp = jnp.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)],
+                 constant_values=-jnp.inf)
+    out_h, out_w = y.shape[1], y.shape[2]
+    # The input, padded up to multiples of the stride, split by the phase of its position:
+    # input row r = strides * R + a. Window offset i sends output row o to r = strides * o
+    # + i - padding, i.e. to phase a = (i - padding) % strides at R = o + (i - padding) //
+    # strides: every offset's share is a shifted copy of an output-sized array.
+    rows, cols = -(-h // strides), -(-w // strides)
+    phases = {}
+    taken = jnp.zeros(y.shape, bool)
+    zero = jnp.zeros((), g.dtype)
+    for i, j, view in _window_views(xp, window, strides, out_h, out_w):
+        hit = (view == y) & ~taken
+        taken = taken | hit
+        (di, a), (dj, b) = divmod(i - padding, strides), divmod(j - padding, strides)
+        share = jax.lax.pad(jnp.where(hit, g, zero), zero, [
+            (0, 0, 0), (di, rows - out_h - di, 0), (dj, cols - out_w - dj, 0), (0, 0, 0)])
+        phases[a, b] = share if (a, b) not in phases else phases[a, b] + share
+    empty = jnp.zeros((n, rows, cols, c), g.dtype)
+    grid = jnp.stack([jnp.stack([phases.get((a, b), empty) for b in range(strides)], axis=3)
+                      for a in range(strides)], axis=2)  # [N, rows, a, cols, b, C]
+    dx = grid.reshape(n, rows * strides, cols * strides, c)
+    return (dx[:, :h, :w, :],)
+
+
+_xla_max_pool.defvjp(_xla_max_pool_fwd, _xla_max_pool_bwd)
+
+
+def _pool_shape(x_shape, window, strides, padding):
+    n, h, w, c = x_shape
+    return (n, (h + 2 * padding - window) // strides + 1,
+            (w + 2 * padding - window) // strides + 1, c)
+
+
+def _pool_attrs(window, strides, padding):
+    return dict(window=np.int64(window), stride=np.int64(strides), pad=np.int64(padding))
+
+
+@functools.lru_cache(maxsize=None)
+def _workspace_bytes(x_shape, window, strides, padding) -> int:
+    library, reason = _load()
+    if library is None:
+        raise RuntimeError(f"oneDNN is not available: {reason}")
+    query = library.F8netMaxPoolWorkspaceBytes
+    query.argtypes, query.restype = [ctypes.c_void_p], ctypes.c_int64
+    geometry = np.array(list(x_shape) + list(_pool_shape(x_shape, window, strides, padding)[1:3])
+                        + [window, strides, padding], np.int64)
+    size = query(geometry.ctypes.data)
+    if size < 0:
+        raise RuntimeError(f"oneDNN could not create a max pool for input {x_shape}")
+    return int(size)
+
+
+def _onednn_max_pool_forward(x, window, strides, padding):
+    shape = _pool_shape(x.shape, window, strides, padding)
+    workspace = _workspace_bytes(tuple(x.shape), window, strides, padding)
+    return jax.ffi.ffi_call("f8net_max_pool_forward",
+                            (jax.ShapeDtypeStruct(shape, jnp.float32),
+                             jax.ShapeDtypeStruct((workspace,), jnp.uint8)),
+                            vmap_method="sequential")(x, **_pool_attrs(window, strides, padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _onednn_max_pool(x, window, strides, padding):
+    return _onednn_max_pool_forward(x, window, strides, padding)[0]
+
+
+def _onednn_max_pool_fwd(x, window, strides, padding):
+    y, workspace = _onednn_max_pool_forward(x, window, strides, padding)
+    return y, (workspace, x.shape)
+
+
+def _onednn_max_pool_bwd(window, strides, padding, residuals, g):
+    workspace, x_shape = residuals
+    dx = jax.ffi.ffi_call("f8net_max_pool_backward", jax.ShapeDtypeStruct(x_shape, jnp.float32),
+                          vmap_method="sequential")(
+        g.astype(jnp.float32), workspace, **_pool_attrs(window, strides, padding))
+    return (dx,)
+
+
+_onednn_max_pool.defvjp(_onednn_max_pool_fwd, _onednn_max_pool_bwd)
+
+
+def max_pool(x: jax.Array, *, window: int, strides: int, padding: int,
+             precision: Precision = Precision()) -> jax.Array:
+    """Max pooling of NHWC x over window x window, symmetric padding (padded positions
+    never win); the gradient goes to the first maximum of each window."""
+    if not 0 <= padding < window:
+        raise ValueError(f"max_pool padding must be in [0, window), got {padding} for "
+                         f"window {window}")
+    if precision.resolve() == "onednn":
+        return _onednn_max_pool(x.astype(jnp.float32), window, strides, padding)
+    return _xla_max_pool(x, window, strides, padding)
