@@ -33,6 +33,8 @@ def get_config():
         precision="float32",              # operands of the float products and the backward:
                                           # "float32", or "bfloat16" on GPU/TPU (f8net_jax.ops)
         conv_backend="auto",              # "auto" (oneDNN on CPU if found), "xla", "onednn"
+        exact_dtype="auto",               # operands of the exact (8-bit grid) pass under XLA:
+                                          # "auto" (bfloat16 on GPU/TPU), "bfloat16", "float32"
     ))
 
     # Data.

@@ -255,6 +255,44 @@ def saturate(x: ArrayLike, fraclen: ArrayLike, *, signed: bool, bits: int = 8,
     return _fake_quant(x, fl, signed, bits, False)
 
 
+@jax.custom_vjp
+def _pact_clip(x, alpha, lo_scale):
+    return jnp.clip(x, lo_scale * alpha, alpha)
+
+
+def _pact_clip_fwd(x, alpha, lo_scale):
+    return _pact_clip(x, alpha, lo_scale), (x, alpha, lo_scale)
+
+
+def _pact_clip_bwd(residuals, g):
+    x, alpha, lo_scale = residuals
+    lo = lo_scale * alpha
+    zero = jnp.zeros_like(g)
+    dx = jnp.where((x > lo) & (x < alpha), g, zero)
+    dalpha = jnp.sum(jnp.where(x >= alpha, g, zero)) + lo_scale * jnp.sum(
+        jnp.where(x <= lo, g, zero))
+    return dx, dalpha.astype(alpha.dtype), jnp.zeros_like(lo_scale)
+
+
+_pact_clip.defvjp(_pact_clip_fwd, _pact_clip_bwd)
+
+
+def pact_clip(x: ArrayLike, alpha: ArrayLike, *, signed: bool = False) -> jax.Array:
+    """PACT's clip: clip(x, 0, alpha), or clip(x, -alpha, alpha) if ``signed``, with
+    alpha >= 0 a scalar.
+
+    Gradients as PACT defines them: dx = 1 strictly inside the range, d alpha = 1 where
+    x >= alpha (and -1 where x <= -alpha, signed). Written out because autodiff of
+    min/max splits ties and divides at every element, which on a CPU cost as much as the
+    convolutions of a small network.
+    """
+    x = jnp.asarray(x)
+    alpha = jnp.asarray(alpha, x.dtype)
+    if alpha.ndim != 0:
+        raise ValueError(f"alpha must be a scalar, got shape {alpha.shape}")
+    return _pact_clip(x, alpha, jnp.asarray(-1.0 if _check_signed(signed) else 0.0, x.dtype))
+
+
 # --------------------------------------------------------------------------------------
 # Choosing a format from statistics.
 

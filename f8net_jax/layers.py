@@ -73,6 +73,7 @@ class QuantConfig:
     batch_axis_name: Optional[str] = None  # pmap axis: batch statistics over all devices
     precision: str = "float32"     # operands of the float products and of the backward
     conv_backend: str = "auto"     # "auto", "xla" or "onednn" (f8net_jax.ops)
+    exact_dtype: str = "auto"      # operands of the exact pass (auto: bf16 off the CPU)
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)
@@ -103,12 +104,12 @@ class QuantConfig:
             raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
         if not self.alpha_init > 0:
             raise ValueError(f"alpha_init must be positive, got {self.alpha_init}")
-        ops.Precision(self.precision, self.conv_backend)  # checks both
+        self.compute  # checks the three fields
 
     @property
     def compute(self) -> ops.Precision:
         """The precision policy of this model's products (f8net_jax.ops)."""
-        return ops.Precision(self.precision, self.conv_backend)
+        return ops.Precision(self.precision, self.conv_backend, self.exact_dtype)
 
     @property
     def fixed(self) -> bool:
@@ -189,8 +190,8 @@ class InputQuantizer(nn.Module):
                 return x, None, jnp.float32(1.0)
             if alpha is None:
                 return (x if self.signed else nn.relu(x)), None, jnp.float32(1.0)
-            alpha = jnp.abs(alpha)
-            return jnp.clip(x, -alpha if self.signed else 0.0, alpha), None, jnp.float32(1.0)
+            return (fp.pact_clip(x, jnp.abs(alpha), signed=self.signed), None,
+                    jnp.float32(1.0))
         if self.kind == "image":
             fraclen = jnp.float32(fp.max_fraclen(signed=False, bits=q.bits))
             return fp.quantize(x, fraclen, signed=False, bits=q.bits), fraclen, jnp.float32(1.0)

@@ -87,10 +87,15 @@ class Precision:
         """The backend that runs: 'onednn' or 'xla'."""
         if self.backend == "xla":
             return "xla"
-        ok, why = onednn_status()
-        if self.backend == "onednn" and not ok:
-            raise RuntimeError(f"conv_backend 'onednn' is not available: {why}")
-        if ok and self.dtype == "float32":
+        if self.backend == "onednn":
+            if self.dtype != "float32":
+                raise ValueError(f"conv_backend 'onednn' computes in float32; precision "
+                                 f"{self.dtype!r} needs conv_backend 'xla' or 'auto'")
+            ok, why = onednn_status()
+            if not ok:
+                raise RuntimeError(f"conv_backend 'onednn' is not available: {why}")
+            return "onednn"
+        if self.dtype == "float32" and onednn_status()[0]:
             return "onednn"
         return "xla"
 

@@ -194,6 +194,20 @@ def train_step(state: TrainState, batch, *, model):
     return state, _metrics(logits, batch, jnp.broadcast_to(loss, batch["mask"].shape))
 
 
+def donate_state() -> bool:
+    """Whether the train step donates its input state. On accelerators it does (the old
+    state's memory is reused); XLA:CPU then copies every donated parameter at the start of
+    the step, which made the ResNet-18 step 9-17% slower than not donating (measured on
+    2 cores), so on the CPU it does not."""
+    return jax.default_backend() != "cpu"
+
+
+def pmap_train_step(model):
+    """``train_step`` pmapped over the local devices (axis 'batch')."""
+    return jax.pmap(functools.partial(train_step, model=model), axis_name="batch",
+                    donate_argnums=(0,) if donate_state() else ())
+
+
 def _metrics(logits, batch, losses) -> Metrics:
     """Metrics of this device's examples, summed over all devices (an Average is a total
     and a count)."""
@@ -323,8 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # TensorBoard, formats.json and one console table per evaluation.
     writer, tensorboard, report = writers.create(workdir, is_chief=jax.process_index() == 0,
                                                  num_train_steps=total_steps)
-    p_train = jax.pmap(functools.partial(train_step, model=model), axis_name="batch",
-                       donate_argnums=(0,))
+    p_train = pmap_train_step(model)
     p_eval = jax.pmap(functools.partial(eval_step, model=model), axis_name="batch")
     fixed = quant_config(config).fixed
 
