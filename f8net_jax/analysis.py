@@ -8,6 +8,7 @@
 * ``layer_formats``, ``load_workdir``: what a trained model chose, per layer.
 """
 
+import functools
 import json
 import os
 from typing import Optional, Sequence
@@ -77,15 +78,22 @@ def low_error_range(sigmas: Sequence[float], errors: np.ndarray, level: float = 
     return float(np.asarray(sigmas)[inside[0]]), float(np.asarray(sigmas)[inside[-1]])
 
 
+@functools.lru_cache(maxsize=32)
+def _sown_fn(model, image_shape: tuple, collections: tuple):
+    """The jitted eval forward that reports ``collections``, one per (model, shape), so that
+    repeated calls (every evaluation of a run) compile once."""
+    return jax.jit(lambda v: model.apply(
+        v, jnp.zeros((1,) + image_shape, jnp.uint8), train=False,
+        mutable=list(collections))[1])
+
+
 def layer_formats(model, variables, image_shape, collections=("formats",)) -> dict:
     """Per layer of a fixed-point model, the formats its eval forward uses: input fraclen,
     weight fraclen, alpha (formats depend on the variables, not on the images). With
     ``collections=("formats", "folded")`` also the folded float weight W_f of each conv."""
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats",
                                                              "quant_stats")}
-    _, sown = jax.jit(lambda v: model.apply(
-        v, jnp.zeros((1,) + tuple(image_shape), jnp.uint8), train=False,
-        mutable=list(collections)))(variables)
+    sown = _sown_fn(model, tuple(image_shape), tuple(collections))(variables)
     table: dict = {}
     for collection in collections:
         flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(sown.get(collection, {})))

@@ -207,3 +207,37 @@ def test_models_reject_image_sizes_they_cannot_take(name, shape, match):
     model = models.create(name, num_classes=10, quant=FIXED)
     with pytest.raises(ValueError, match=match):
         model.init(jax.random.PRNGKey(0), jnp.zeros(shape, jnp.uint8))
+
+
+def test_layer_formats_compiles_once_per_model_and_shape():
+    from f8net_jax import analysis
+    model = models.create("resnet20", num_classes=10, quant=FIXED)
+    x = images(2, 16, channels=1)
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), x, train=False))()
+    first = analysis.layer_formats(model, variables, (16, 16, 1))
+    moved = jax.tree_util.tree_map(lambda v: v * 1.5, variables)  # other values, same shapes
+    second = analysis.layer_formats(model, moved, (16, 16, 1))
+    assert set(first) == set(second) and "stem" in first
+    fn = analysis._sown_fn(model, (16, 16, 1), ("formats",))
+    assert fn._cache_size() == 1  # one compilation served both calls
+
+
+def test_mobilenet_v1_pointwise_layers_read_the_depthwise_output_before_relu():
+    """METHOD.md 5: no ReLU between depthwise and pointwise; the pointwise layer's unsigned
+    quantizer rectifies, and its batch statistic sees the negative values."""
+    import flax.linen as nn
+    model = models.create("mobilenet_v1", num_classes=10, quant=FIXED, width_multiplier=0.25)
+    x = images(2, 32)
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), x, train=False))()
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and context.module.name in (
+                "layer2_depthwise", "layer2_pointwise"):
+            seen[context.module.name] = float(jnp.min(args[0]))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        model.apply(variables, x, train=True, mutable=MUTABLE)
+    assert seen["layer2_pointwise"] < 0      # the depthwise output, not rectified
+    assert seen["layer2_depthwise"] >= 0     # after the previous pointwise layer's ReLU

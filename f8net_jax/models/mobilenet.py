@@ -1,7 +1,8 @@
 """MobileNet V1 (standard 1.0 layout, 1000-way classifier: 4,231,976 parameters in float)
 and MobileNet V2 (torchvision layout: 3,504,872), in float or fixed point.
 
-MobileNet V1 has no residual streams: every layer owns its clipping level. In MobileNet V2
+MobileNet V1 has no residual streams: every layer owns its clipping level; there is no
+explicit ReLU between a depthwise layer and its pointwise layer. In MobileNet V2
 the output of an inverted-residual block is linear (no ReLU), so the first conv of every
 block after the first reads a signed input; identity blocks pass their stream on and the
 first conv of each block, like ResNet's, reads the chain of the stream it consumes
@@ -60,7 +61,13 @@ class MobileNetV1(nn.Module):
         classifier = _classifier(channels, self.num_classes, q, starts_chain=True)
         alphas, scales = scale_plan([*readers, classifier])
         for i, layer in enumerate(readers):
-            x = nn.relu(layer(x, alpha=alphas[i], out_scale=scales[i + 1], train=train))
+            x = layer(x, alpha=alphas[i], out_scale=scales[i + 1], train=train)
+            # ReLU after the stem and each pointwise layer; a depthwise output goes to the
+            # pointwise layer as it is, whose unsigned input quantizer is the ReLU, so its
+            # input statistic is taken before rectification (METHOD.md 5, as the official
+            # code).
+            if not layer.depthwise:
+                x = nn.relu(x)
         x, factor = global_average_pool(x, q)
         return classifier(x, alpha=alphas[-1], input_factor=factor, train=train)
 

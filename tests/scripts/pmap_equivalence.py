@@ -41,6 +41,11 @@ def main(mode):
     config = default.get_config()
     config.quant.mode = mode
     config.quant.rescale_classifier = False
+    # XLA computes each conv output element in the same order whatever the batch split;
+    # oneDNN may not, and this network amplifies an ulp in a weight gradient to a few
+    # percent (measured: a 1e-7 relative change of the parameters moves some gradients by
+    # 3%), so the per-element check runs on XLA.
+    config.quant.conv_backend = "xla"
     config.batch_size = 16
     config.learning_rate = 0.05
     rng = np.random.default_rng(0)
