@@ -229,15 +229,20 @@ def test_mobilenet_v1_pointwise_layers_read_the_depthwise_output_before_relu():
     model = models.create("mobilenet_v1", num_classes=10, quant=FIXED, width_multiplier=0.25)
     x = images(2, 32)
     variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), x, train=False))()
-    seen = {}
 
-    def record(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and context.module.name in (
-                "layer2_depthwise", "layer2_pointwise"):
-            seen[context.module.name] = float(jnp.min(args[0]))
-        return next_fun(*args, **kwargs)
+    def minima(variables):
+        seen = {}
 
-    with nn.intercept_methods(record):
-        model.apply(variables, x, train=True, mutable=MUTABLE)
+        def record(next_fun, args, kwargs, context):
+            if context.method_name == "__call__" and context.module.name in (
+                    "layer2_depthwise", "layer2_pointwise"):
+                seen[context.module.name] = jnp.min(args[0])
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            model.apply(variables, x, train=True, mutable=MUTABLE)
+        return seen
+
+    seen = jax.jit(minima)(variables)
     assert seen["layer2_pointwise"] < 0      # the depthwise output, not rectified
     assert seen["layer2_depthwise"] >= 0     # after the previous pointwise layer's ReLU

@@ -200,7 +200,7 @@ def test_onednn_conv_and_gradients_match_xla(x_shape, w_shape, stride, pad, grou
         np.testing.assert_allclose(a, b, atol=2e-6 * scale, rtol=0, err_msg=name)
 
 
-EVAL_MODELS = [pytest.param(*m, marks=() if m[0] in ("resnet20", "mobilenet_v2")
+EVAL_MODELS = [pytest.param(*m, marks=() if m[0] == "resnet20"
                             else pytest.mark.slow, id=m[0]) for m in MODELS]
 
 
