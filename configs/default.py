@@ -29,6 +29,10 @@ def get_config():
         bn_eps=1e-5,                      # BatchNorm epsilon
         rescale_classifier=True,          # classifier weight rescaling (official configs)
         share_classifier_alpha=False,     # classifier reads the last chain's alpha (8.7)
+        share_alpha=True,                 # readers of one stream share its alpha (METHOD 5);
+                                          # False: every layer its own (an ablation)
+        wide_fraclen=False,               # fraclens may pass the word length (up to 15
+                                          # signed, 16 unsigned): more codes for small values
         normalized_input=False,           # feed mean/std-normalized images instead of pixels
         precision="float32",              # operands of the float products and the backward:
                                           # "float32", or "bfloat16" on GPU/TPU (f8net_jax.ops)
@@ -49,6 +53,9 @@ def get_config():
     config.augment = "none"               # small datasets: "none" or "crop_flip"
     config.synthetic_train_size = 512     # synthetic training images
     config.synthetic_eval_size = 128      # synthetic eval images
+    config.train_examples = -1            # in-memory datasets: train on the first N (-1: all)
+    config.shuffle_buffer = 0             # streamed datasets: examples in the shuffle buffer
+                                          # (0: 16 x host batch; memory: f8net_jax/data/pipeline.py)
 
     # Optimization (the official recipe: SGD, Nesterov momentum, cosine per step).
     config.optimizer = "sgd"              # "sgd" or "adam"

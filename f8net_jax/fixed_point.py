@@ -6,6 +6,11 @@ v is stored as the integer q = round(v * 2^fraclen) and means q * 2^-fraclen.
 * signed:   q in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (symmetric), fraclen in 0..bits-1;
 * unsigned: q in [0, 2^bits - 1], fraclen in 0..bits.
 
+Wide formats (``wide=True``, an option beyond the paper) keep the same integers but let the
+fraclen go past the word length, up to ``bits`` more (0..2*bits-1 signed, 0..2*bits
+unsigned): a tensor whose values are all small then uses more of its codes. Products stay
+8-bit x 8-bit into int32 and every rescaling stays a shift.
+
 Rounding is round-half-to-even everywhere, in float and in integer code. Powers of two are
 built from their bit patterns (``pow2``), never with ``exp2``/``pow``, whose XLA kernels are
 not exact for integer arguments: every scaling here is exact.
@@ -62,9 +67,11 @@ def _check_signed(signed: bool) -> bool:
     return bool(signed)
 
 
-def max_fraclen(*, signed: bool, bits: int = 8) -> int:
-    """Largest fractional length of a format: bits - 1 if signed, else bits."""
-    return _check_bits(bits) - int(_check_signed(signed))
+def max_fraclen(*, signed: bool, bits: int = 8, wide: bool = False) -> int:
+    """Largest fractional length of a format: bits - 1 if signed, else bits; ``bits``
+    more for wide formats."""
+    bits = _check_bits(bits)
+    return bits - int(_check_signed(signed)) + (bits if wide else 0)
 
 
 def integer_range(*, signed: bool, bits: int = 8) -> tuple[int, int]:
@@ -211,19 +218,19 @@ def _fake_quant_bwd(signed, bits, rounding, residuals, g):
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
-def _prepare(x, fraclen, signed, bits, axis):
+def _prepare(x, fraclen, signed, bits, axis, wide):
     bits = _check_bits(bits)
     signed = _check_signed(signed)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x must be a float array, got dtype {x.dtype}")
-    _check_fraclen(fraclen, lo=0, hi=max_fraclen(signed=signed, bits=bits))
+    _check_fraclen(fraclen, lo=0, hi=max_fraclen(signed=signed, bits=bits, wide=wide))
     fl = _along_axis(fraclen, x.shape, axis).astype(x.dtype)
     return x, fl, signed, bits
 
 
 def quantize(x: ArrayLike, fraclen: ArrayLike, *, signed: bool, bits: int = 8,
-             axis: Optional[int] = None) -> jax.Array:
+             axis: Optional[int] = None, wide: bool = False) -> jax.Array:
     """Fake quantizer: Q(x; fl) = clip(round(x * 2^fl), qmin, qmax) * 2^-fl.
 
     Straight-through gradient: dQ/dx = 1 where r = round(x * 2^fl) lies strictly inside
@@ -234,24 +241,25 @@ def quantize(x: ArrayLike, fraclen: ArrayLike, *, signed: bool, bits: int = 8,
       x: a float array.
       fraclen: the fractional length: a scalar (per layer) or a 1-D array of per-channel
         values laid along ``axis`` of x. It may be traced; a concrete value must hold
-        integers in [0, bits - signed].
+        integers in [0, bits - signed] (``max_fraclen(..., wide=wide)``).
       signed: symmetric signed format if True, unsigned if False (static).
       bits: word length, 2..16 (static).
       axis: the axis of x that a per-channel fraclen lies along (static).
+      wide: allow the fraclens of wide formats (static).
     """
-    x, fl, signed, bits = _prepare(x, fraclen, signed, bits, axis)
+    x, fl, signed, bits = _prepare(x, fraclen, signed, bits, axis, wide)
     return _fake_quant(x, fl, signed, bits, True)
 
 
 def saturate(x: ArrayLike, fraclen: ArrayLike, *, signed: bool, bits: int = 8,
-             axis: Optional[int] = None) -> jax.Array:
+             axis: Optional[int] = None, wide: bool = False) -> jax.Array:
     """Clamps x to the range of a format without rounding: clip(x, qmin*2^-fl, qmax*2^-fl).
 
     This is the official code's 'floating' variant of the quantizer (its full-precision
     baseline clamps folded weights this way). Its gradient is the same straight-through
     mask as ``quantize``'s, taken on the unrounded x * 2^fl.
     """
-    x, fl, signed, bits = _prepare(x, fraclen, signed, bits, axis)
+    x, fl, signed, bits = _prepare(x, fraclen, signed, bits, axis, wide)
     return _fake_quant(x, fl, signed, bits, False)
 
 
@@ -343,8 +351,9 @@ def _floor_log2(r: jax.Array) -> jax.Array:
 
 
 def fraclen_from_metric(value: ArrayLike, *, metric: str = "std", signed: bool,
-                        bits: int = 8) -> jax.Array:
-    """The format rule: fl = clip(floor(log2(c / m)), 0, bits - signed).
+                        bits: int = 8, wide: bool = False) -> jax.Array:
+    """The format rule: fl = clip(floor(log2(c / m)), 0, bits - signed) (the upper bound
+    is ``max_fraclen(..., wide=wide)``).
 
     c depends on the metric and the sign (``METRIC_CONSTANTS``: std 40/70, mae 30/30,
     rms 40/50, signed/unsigned); the constants are fitted for 8 bits only. As in the
@@ -368,16 +377,16 @@ def fraclen_from_metric(value: ArrayLike, *, metric: str = "std", signed: bool,
     m = jnp.asarray(value, jnp.float32)
     ratio = jnp.float32(c) * (jnp.float32(1.0) / m)
     fl = _floor_log2(ratio)
-    return jnp.clip(fl, 0, max_fraclen(signed=signed, bits=bits))
+    return jnp.clip(fl, 0, max_fraclen(signed=signed, bits=bits, wide=wide))
 
 
 def quantization_rms_error(x: ArrayLike, fraclen: ArrayLike, *, signed: bool, bits: int = 8,
                            axis: Optional[int] = None,
-                           axis_name: Optional[str] = None) -> jax.Array:
+                           axis_name: Optional[str] = None, wide: bool = False) -> jax.Array:
     """sqrt(mean((x - Q(x; fl))^2)) over the whole tensor, or per channel along ``axis``
     when fraclen is per channel (over all devices of ``axis_name`` when given)."""
     x = jnp.asarray(x)
-    err = jnp.square(x - quantize(x, fraclen, signed=signed, bits=bits, axis=axis))
+    err = jnp.square(x - quantize(x, fraclen, signed=signed, bits=bits, axis=axis, wide=wide))
     ax = _normalize_axis(axis, x.ndim)
     if ax is None or jnp.ndim(fraclen) == 0:
         return jnp.sqrt(_mean(err, None, axis_name))
@@ -386,8 +395,8 @@ def quantization_rms_error(x: ArrayLike, fraclen: ArrayLike, *, signed: bool, bi
 
 def fraclen_grid_search(x: ArrayLike, *, signed: bool, bits: int = 8,
                         axis: Optional[int] = None,
-                        axis_name: Optional[str] = None) -> jax.Array:
-    """The fl in [0, bits - signed] with the lowest RMS quantization error
+                        axis_name: Optional[str] = None, wide: bool = False) -> jax.Array:
+    """The fl in [0, max_fraclen(..., wide=wide)] with the lowest RMS quantization error
     sqrt(mean((x - Q(x; fl))^2)); the smallest fl wins a tie.
 
     Over the whole tensor (axis=None, the official rule), or per channel along ``axis``;
@@ -398,15 +407,16 @@ def fraclen_grid_search(x: ArrayLike, *, signed: bool, bits: int = 8,
     signed = _check_signed(signed)
     x = jax.lax.stop_gradient(jnp.asarray(x))
     ax = _normalize_axis(axis, x.ndim)
-    candidates = jnp.arange(max_fraclen(signed=signed, bits=bits) + 1, dtype=jnp.float32)
+    candidates = jnp.arange(max_fraclen(signed=signed, bits=bits, wide=wide) + 1,
+                            dtype=jnp.float32)
     if ax is None:
         errors = jax.vmap(lambda fl: quantization_rms_error(
-            x, fl, signed=signed, bits=bits, axis_name=axis_name))(candidates)
+            x, fl, signed=signed, bits=bits, axis_name=axis_name, wide=wide))(candidates)
     else:
         channels = x.shape[ax]
         errors = jax.vmap(lambda fl: quantization_rms_error(
             x, jnp.full((channels,), fl), signed=signed, bits=bits, axis=ax,
-            axis_name=axis_name))(candidates)
+            axis_name=axis_name, wide=wide))(candidates)
     return jnp.argmin(errors, axis=0).astype(jnp.float32)  # argmin returns the first minimum
 
 
@@ -446,7 +456,8 @@ def saturating_shift_left(acc: ArrayLike, shift: ArrayLike, lo: int, hi: int) ->
 
 
 def requantize(acc: ArrayLike, in_fraclen: ArrayLike, out_fraclen: ArrayLike, *,
-               signed: bool, bits: int = 8, axis: Optional[int] = None) -> jax.Array:
+               signed: bool, bits: int = 8, axis: Optional[int] = None,
+               wide: bool = False) -> jax.Array:
     """An int32 accumulator at fl_in to the consumer's ``bits`` format at fl_out.
 
     With n = fl_in - fl_out: for n > 0, round_half_to_even(acc / 2^n) by an arithmetic
@@ -455,7 +466,8 @@ def requantize(acc: ArrayLike, in_fraclen: ArrayLike, out_fraclen: ArrayLike, *,
     official code, whose rounding addition wraps near 2^31.
 
     ``in_fraclen`` and ``out_fraclen`` are integers (scalars, or per-channel vectors along
-    ``axis``; traced values are allowed). Returns int32 values in [qmin, qmax].
+    ``axis``; traced values are allowed); ``wide`` admits the out_fraclen of a wide
+    format. Returns int32 values in [qmin, qmax].
     """
     bits = _check_bits(bits)
     signed = _check_signed(signed)
@@ -466,7 +478,7 @@ def requantize(acc: ArrayLike, in_fraclen: ArrayLike, out_fraclen: ArrayLike, *,
         raise ValueError(f"acc must be an integer array of at most 32 bits, got {dtype}")
     acc = jnp.asarray(acc, jnp.int32)
     _check_fraclen(in_fraclen, lo=0, hi=62, name="in_fraclen")
-    _check_fraclen(out_fraclen, lo=0, hi=max_fraclen(signed=signed, bits=bits),
+    _check_fraclen(out_fraclen, lo=0, hi=max_fraclen(signed=signed, bits=bits, wide=wide),
                    name="out_fraclen")
     lo, hi = integer_range(signed=signed, bits=bits)
     fl_in = _along_axis(in_fraclen, acc.shape, axis, "in_fraclen").astype(jnp.int32)

@@ -27,18 +27,20 @@ INT32_MAX = 2**31 - 1
 
 
 def choose_fraclen(x: jax.Array, rule: str, *, signed: bool, bits: int = 8,
-                   axis: Optional[int] = None, axis_name: Optional[str] = None) -> jax.Array:
+                   axis: Optional[int] = None, axis_name: Optional[str] = None,
+                   wide: bool = False) -> jax.Array:
     """The format of x by ``rule``: 'std', 'mae' or 'rms' (fp.fraclen_from_metric of that
     statistic) or 'grid' (fp.fraclen_grid_search). Per tensor, or per channel along
-    ``axis``; over the shards of x on all devices of ``axis_name`` when given. Carries no
-    gradient."""
+    ``axis``; over the shards of x on all devices of ``axis_name`` when given; ``wide``
+    lets the fraclen pass the word length (fp.max_fraclen). Carries no gradient."""
     if rule not in FORMAT_RULES:
         raise ValueError(f"format_rule must be one of {list(FORMAT_RULES)}, got {rule!r}")
     x = jax.lax.stop_gradient(x)
     if rule == "grid":
-        return fp.fraclen_grid_search(x, signed=signed, bits=bits, axis=axis, axis_name=axis_name)
+        return fp.fraclen_grid_search(x, signed=signed, bits=bits, axis=axis,
+                                      axis_name=axis_name, wide=wide)
     value = fp.tensor_metric(x, rule, axis=axis, axis_name=axis_name)
-    return fp.fraclen_from_metric(value, metric=rule, signed=signed, bits=bits)
+    return fp.fraclen_from_metric(value, metric=rule, signed=signed, bits=bits, wide=wide)
 
 
 def update_running_fraclen(running: jax.Array, batch_fraclen: jax.Array,
@@ -47,9 +49,11 @@ def update_running_fraclen(running: jax.Array, batch_fraclen: jax.Array,
     return (1.0 - momentum) * running + momentum * batch_fraclen
 
 
-def running_fraclen(running: jax.Array, *, signed: bool, bits: int = 8) -> jax.Array:
-    """The format used in eval (and in every scale): clip(round(buf), 0, bits - signed)."""
-    return jnp.clip(jnp.round(running), 0, fp.max_fraclen(signed=signed, bits=bits))
+def running_fraclen(running: jax.Array, *, signed: bool, bits: int = 8,
+                    wide: bool = False) -> jax.Array:
+    """The format used in eval (and in every scale): clip(round(buf), 0, bits - signed)
+    (the upper bound of wide formats with ``wide``)."""
+    return jnp.clip(jnp.round(running), 0, fp.max_fraclen(signed=signed, bits=bits, wide=wide))
 
 
 def activation_scale(alpha: jax.Array, fraclen: jax.Array, *, signed: bool,

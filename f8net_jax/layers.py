@@ -25,7 +25,14 @@ Where we choose differently from the official code, or where it has no single an
   layer, since integer accumulation over input channels needs one input format;
 * BatchNorm's running variance is updated with the unbiased batch variance, as in PyTorch;
 * the classifier rejects 'channel': its logits must share one integer format;
-* ``consistent_clip`` (off by default) is the consistent training variant of METHOD.md 8.6.
+* ``consistent_clip`` (off by default) is the consistent training variant of METHOD.md 8.6;
+* ``share_alpha=False`` (an ablation) gives every reader its own alpha, also those that read
+  a residual stream; the operands of an add then differ by a learned, non-power-of-two
+  factor, which simulation and integer inference both keep (they add the stored values, as
+  the official code does at the classifier, METHOD.md 8.7), so the integer program stays
+  exact;
+* ``wide_fraclen`` (beyond the paper) lets formats take fraclens past the word length
+  where the statistic asks for them (still 8-bit codes, see fixed_point).
 """
 
 from __future__ import annotations
@@ -74,6 +81,8 @@ class QuantConfig:
     precision: str = "float32"     # operands of the float products and of the backward
     conv_backend: str = "auto"     # "auto", "xla" or "onednn" (f8net_jax.ops)
     exact_dtype: str = "auto"      # operands of the exact pass (auto: bf16 off the CPU)
+    share_alpha: bool = True       # METHOD.md 5: the readers of one stream share its alpha
+    wide_fraclen: bool = False     # fraclens may pass the word length (fp.max_fraclen)
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)
@@ -149,7 +158,8 @@ class InputQuantizer(nn.Module):
     def setup(self):
         _choice("input kind", self.kind, INPUT_KINDS)
         q = self.quant
-        self.has_alpha = self.owns_alpha and q.clipping and self.kind != "image"
+        self.has_alpha = ((self.owns_alpha or not q.share_alpha) and q.clipping
+                          and self.kind != "image")
         if self.has_alpha:
             self.alpha = self.param("alpha", nn.initializers.constant(q.alpha_init), (),
                                     jnp.float32)
@@ -164,6 +174,10 @@ class InputQuantizer(nn.Module):
     def own_alpha(self) -> Optional[jax.Array]:
         return self.alpha if self.has_alpha else None
 
+    def resolve(self, alpha):
+        """The alpha this layer clips at: its own if it has one, else its chain's."""
+        return self.alpha if self.has_alpha else alpha
+
     def _scale(self, alpha, fraclen):
         if alpha is None or not self.quant.clipping:
             return jnp.float32(1.0)
@@ -172,19 +186,21 @@ class InputQuantizer(nn.Module):
     def eval_fraclen(self) -> jax.Array:
         """The input format of eval and of every scale: clip(round(buf))."""
         return folding.running_fraclen(self.fraclen.value, signed=self.signed,
-                                       bits=self.quant.bits)
+                                       bits=self.quant.bits, wide=self.quant.wide_fraclen)
 
     def input_scale(self, alpha) -> jax.Array:
         """The scale in which a producer must deliver this layer's input (from the running
         format before this step's update)."""
         if not self.quant.fixed or self.kind == "image":
             return jnp.float32(1.0)
-        return self._scale(alpha, self.eval_fraclen())
+        return self._scale(self.resolve(alpha), self.eval_fraclen())
 
     def __call__(self, x, *, alpha, train: bool):
         """Returns (x_q, fraclen, s): the quantized input in stored units, its format and the
         scale s_self for folding. Float mode: (the clipped real activation, None, 1)."""
         q = self.quant
+        alpha = self.resolve(alpha)
+        wide = q.wide_fraclen
         if not q.fixed:
             if self.kind == "image":
                 return x, None, jnp.float32(1.0)
@@ -197,10 +213,10 @@ class InputQuantizer(nn.Module):
             return fp.quantize(x, fraclen, signed=False, bits=q.bits), fraclen, jnp.float32(1.0)
         old_fraclen = self.eval_fraclen()
         if not train:
-            return (fp.quantize(x, old_fraclen, signed=self.signed, bits=q.bits), old_fraclen,
-                    self._scale(alpha, old_fraclen))
+            return (fp.quantize(x, old_fraclen, signed=self.signed, bits=q.bits, wide=wide),
+                    old_fraclen, self._scale(alpha, old_fraclen))
         batch_fraclen = folding.choose_fraclen(x, q.format_rule, signed=self.signed, bits=q.bits,
-                                               axis_name=q.batch_axis_name)
+                                               axis_name=q.batch_axis_name, wide=wide)
         new_running = folding.update_running_fraclen(self.fraclen.value, batch_fraclen,
                                                      q.format_momentum)
         if not self.is_initializing():
@@ -213,8 +229,9 @@ class InputQuantizer(nn.Module):
             # format for the scale (effective clip alpha * 2^(round(buf) - fl_batch)).
             fraclen = batch_fraclen
             scale = self._scale(alpha, folding.running_fraclen(
-                new_running, signed=self.signed, bits=q.bits))
-        return fp.quantize(x, fraclen, signed=self.signed, bits=q.bits), fraclen, scale
+                new_running, signed=self.signed, bits=q.bits, wide=wide))
+        return (fp.quantize(x, fraclen, signed=self.signed, bits=q.bits, wide=wide), fraclen,
+                scale)
 
 
 def _sow_formats(module: nn.Module, in_fraclen, w_fraclen, alpha) -> None:
@@ -307,6 +324,7 @@ class QuantConvBN(Reader, nn.Module):
 
     def __call__(self, x, *, alpha=None, out_scale=1.0, train: bool = False):
         q = self.quant
+        alpha = self.input.resolve(alpha)
         x_q, in_fraclen, in_scale = self.input(x, alpha=alpha, train=train)
         if not q.fixed:
             y = self._conv(x_q, self.kernel)
@@ -319,8 +337,10 @@ class QuantConvBN(Reader, nn.Module):
         w_f, b_f = folding.fold_conv_bn(self.kernel, self.scale, self.bias, mean, var,
                                         eps=q.bn_eps, in_scale=in_scale, out_scale=out_scale)
         axis = -1 if q.granularity == "channel" else None
-        w_fraclen = folding.choose_fraclen(w_f, q.format_rule, signed=True, bits=q.bits, axis=axis)
-        w_q = fp.quantize(w_f, w_fraclen, signed=True, bits=q.bits, axis=axis)
+        w_fraclen = folding.choose_fraclen(w_f, q.format_rule, signed=True, bits=q.bits, axis=axis,
+                                           wide=q.wide_fraclen)
+        w_q = fp.quantize(w_f, w_fraclen, signed=True, bits=q.bits, axis=axis,
+                          wide=q.wide_fraclen)
         if not train:
             b_f = folding.round_bias(b_f, in_fraclen + w_fraclen)
             self.sow("folded", "bias", b_f)  # eval: on the accumulator's grid
@@ -367,12 +387,14 @@ class QuantDense(Reader, nn.Module):
 
     def __call__(self, x, *, alpha=None, input_factor=1.0, train: bool = False):
         q = self.quant
+        alpha = self.input.resolve(alpha)
         x_q, in_fraclen, in_scale = self.input(x, alpha=alpha, train=train)
         if not q.fixed:
             return ops.matmul(input_factor * x_q, self._rescale(self.kernel) * self.kernel,
                                precision=q.compute) + self.bias
-        w_fraclen = folding.choose_fraclen(self.kernel, q.format_rule, signed=True, bits=q.bits)
-        w_q = fp.quantize(self.kernel, w_fraclen, signed=True, bits=q.bits)
+        w_fraclen = folding.choose_fraclen(self.kernel, q.format_rule, signed=True, bits=q.bits,
+                                           wide=q.wide_fraclen)
+        w_q = fp.quantize(self.kernel, w_fraclen, signed=True, bits=q.bits, wide=q.wide_fraclen)
         ws = self._rescale(w_q)
         _sow_formats(self, in_fraclen, w_fraclen, alpha)
         self.sow("folded", "weight", self.kernel)

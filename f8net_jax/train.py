@@ -83,6 +83,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.batch_size % jax.device_count():
         raise ValueError(f"config.batch_size {config.batch_size} is not divisible by the "
                          f"{jax.device_count()} devices: use a multiple of {jax.device_count()}")
+    if config.get("train_examples", -1) == 0 or config.get("train_examples", -1) < -1:
+        raise ValueError(f"config.train_examples must be -1 (all) or positive, got "
+                         f"{config.train_examples}")
     if config.num_epochs <= 0 and config.num_train_steps <= 0:
         raise ValueError("set config.num_epochs or config.num_train_steps to a positive value")
     if config.init_from and not os.path.isdir(os.path.join(config.init_from, "checkpoints")):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from f8net_jax import fixed_point as fp
 from f8net_jax import integer, models, train
 from f8net_jax.integer import audit, executor, program as program_lib, verification, vnni
 from f8net_jax.integer.verification import verify
@@ -68,6 +69,7 @@ CASES = [
      1.0),
     ("mobilenet_v1", 32, QuantConfig(), 3, 0.25),
     ("mobilenet_v2", 32, QuantConfig(granularity="channel", share_classifier_alpha=True), 3, 0.25),
+    ("resnet20", 16, QuantConfig(wide_fraclen=True, share_alpha=False), 1, 1.0),
     pytest.param("resnet18", 32, QuantConfig(granularity="channel"), 3, 1.0,
                  marks=pytest.mark.slow),
     pytest.param("mobilenet_v2", 32, QuantConfig(), 3, 0.5, marks=pytest.mark.slow),
@@ -75,10 +77,13 @@ CASES = [
     pytest.param("resnet50", 32, QuantConfig(granularity="channel"), 3, 1.0,
                  marks=pytest.mark.slow),
     pytest.param("resnet56", 16, QuantConfig(), 3, 1.0, marks=pytest.mark.slow),
+    pytest.param("mobilenet_v2", 32, QuantConfig(wide_fraclen=True, share_alpha=False,
+                                                 granularity="channel"), 3, 0.25,
+                 marks=pytest.mark.slow),
 ]
 IDS = ["resnet20", "resnet20-channel", "resnet20-normalized", "mobilenet_v1",
-       "mobilenet_v2-channel", "resnet18-channel", "mobilenet_v2", "resnet34",
-       "resnet50-channel", "resnet56"]
+       "mobilenet_v2-channel", "resnet20-wide-unshared", "resnet18-channel", "mobilenet_v2",
+       "resnet34", "resnet50-channel", "resnet56", "mobilenet_v2-wide-unshared-channel"]
 
 
 @pytest.mark.parametrize("name, size, quant, channels, width", CASES, ids=IDS)
@@ -101,6 +106,16 @@ def test_integer_program_equals_the_simulation_in_every_tensor(name, size, quant
     shifts = {v for op in program.ops if op["op"] == "requantize" for v in op["shift"]}
     assert len(fls) > 2 and len(shifts) > 2
     assert max(report.observed_max.values()) > 2 ** 12
+    weight_fls = [v for op in program.ops if op["op"] in ("conv", "dense")
+                  for v in op["weight_fraclen"]]
+    if quant.wide_fraclen:  # the rule used fraclens past the word length, and stayed exact
+        assert max(weight_fls) > fp.max_fraclen(signed=True)
+    else:
+        assert max(weight_fls) <= fp.max_fraclen(signed=True)
+    if not quant.share_alpha:  # every stream reader has its own alpha
+        alphas = [p for p in flax.traverse_util.flatten_dict(variables["params"]) if
+                  p[-1] == "alpha"]
+        assert len(alphas) > len([op for op in program.ops if op["op"] == "add"])
 
 
 def _every_architecture():

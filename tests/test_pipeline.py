@@ -80,3 +80,80 @@ def test_streamed_pipeline_batches_resumes_and_masks(tmp_path):
     evals = list(data.eval_batches())
     assert len(evals) == 2 and sum(int(b["mask"].sum()) for b in evals) == 10
     assert all(b["image"].shape == (2, 4, 32, 32, 3) for b in evals)
+
+
+class FakeJpegShards(FakeJpegImages):
+    """40 JPEG images, each its own class (the label tells which image), in 4 files."""
+
+    __module__ = "f8net_jax.data.builders"
+
+    def _info(self):
+        tfds = __import__("tensorflow_datasets")
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(num_classes=40)}))
+
+    def _generate_examples(self, seed, n):
+        for key, example in super()._generate_examples(seed, n):
+            yield key, {**example, "label": key}
+
+
+@pytest.fixture(scope="module")
+def sharded_config(tmp_path_factory):
+    tfds = __import__("tensorflow_datasets")
+    from configs import default
+    data_dir = str(tmp_path_factory.mktemp("shards"))
+    FakeJpegShards(data_dir=data_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=4))
+    config = default.get_config()
+    config.dataset, config.data_dir = "fake_jpeg_shards", data_dir
+    config.train_split, config.eval_split, config.image_size = "train", "validation", 32
+    return config
+
+
+def _order(data, epoch, start=0):
+    return [int(v) for b in data.train_batches(epoch, start) for v in b["label"].ravel()]
+
+
+def test_streamed_epochs_draw_fresh_orders_and_a_restarted_epoch_repeats_its_batches(
+        sharded_config):
+    data = pipeline.streamed(sharded_config, global_batch_size=8, local_devices=1, seed=5)
+    orders = [_order(data, epoch) for epoch in range(3)]
+    for order in orders:
+        assert sorted(order) == list(range(40))  # every image once per epoch
+    assert len({tuple(o) for o in orders}) == 3  # each epoch its own order
+    # A run killed during epoch 1 and restarted at its batch 2 sees the same batches, crops
+    # included, as the uninterrupted epoch.
+    full, resumed = list(data.train_batches(1, 0)), list(data.train_batches(1, 2))
+    assert len(resumed) == 3
+    for a, b in zip(full[2:], resumed):
+        np.testing.assert_array_equal(a["label"], b["label"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+    # Another seed, another order.
+    other = pipeline.streamed(sharded_config, global_batch_size=8, local_devices=1, seed=6)
+    assert _order(other, 0) != orders[0]
+
+
+def test_streamed_files_are_shuffled_per_epoch_even_without_a_shuffle_buffer(sharded_config):
+    config = sharded_config.copy_and_resolve_references()
+    config.shuffle_buffer = 1  # no example shuffling: only the file order and interleave
+    data = pipeline.streamed(config, global_batch_size=8, local_devices=1, seed=5)
+    orders = [_order(data, epoch) for epoch in range(4)]
+    assert all(sorted(o) == list(range(40)) for o in orders)
+    assert len({tuple(o) for o in orders}) > 1
+    assert orders[0] == _order(data, 0)
+    # The interleave takes one example from each file in turn: the first four examples of
+    # an epoch come from the four files (read here one after the other).
+    tfds = __import__("tensorflow_datasets")
+    builder = tfds.builder("fake_jpeg_shards", data_dir=config.data_dir)
+    in_file_order = [int(ex["label"]) for ex in builder.as_dataset(
+        split="train", shuffle_files=False,
+        read_config=tfds.ReadConfig(interleave_cycle_length=1)).as_numpy_iterator()]
+    lengths = builder.info.splits["train"].shard_lengths
+    assert len(lengths) == 4
+    file_of = dict(zip(in_file_order, np.repeat(np.arange(4), lengths).tolist()))
+    for order in orders:
+        assert sorted(file_of[label] for label in order[:4]) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="config.shuffle_buffer must be >= 0"):
+        config.shuffle_buffer = -1
+        pipeline.streamed(config, global_batch_size=8, local_devices=1, seed=5)

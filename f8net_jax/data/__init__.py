@@ -158,9 +158,48 @@ def create(config, *, local_devices: int, process_index: int = 0,
         return synthetic(image_shape=(config.image_size, config.image_size, config.channels),
                          num_classes=config.num_classes, train_size=config.synthetic_train_size,
                          eval_size=config.synthetic_eval_size, **common)
-    from f8net_jax.data import pipeline  # imports TensorFlow
+    limit = config.get("train_examples", -1)
     if config.dataset in STREAMED:
+        if limit > 0:
+            raise ValueError(f"config.train_examples applies to in-memory datasets, not "
+                             f"{config.dataset!r}: use -1")
+        from f8net_jax.data import pipeline  # imports TensorFlow
         return pipeline.streamed(config, **common)
-    train, eval, num_classes = pipeline.load_in_memory(config)
+    if config.dataset in OFFLINE and not _tensorflow_available():
+        train, eval, num_classes = _offline_without_tensorflow(config)
+    else:
+        from f8net_jax.data import pipeline  # imports TensorFlow
+        train, eval, num_classes = pipeline.load_in_memory(config)
+    if limit > 0:
+        if limit > len(train[0]):
+            raise ValueError(f"config.train_examples {limit} exceeds the {len(train[0])} "
+                             f"training images of {config.dataset!r}")
+        train = (train[0][:limit], train[1][:limit])
     return from_arrays(config.dataset, train, eval, num_classes=num_classes,
                        augment=AUGMENTATIONS[config.augment], **common)
+
+
+def _tensorflow_available() -> bool:
+    import importlib.util
+    return (importlib.util.find_spec("tensorflow") is not None
+            and importlib.util.find_spec("tensorflow_datasets") is not None)
+
+
+def _offline_without_tensorflow(config):
+    """The offline datasets read with numpy, where TensorFlow is missing (GPU images).
+    The images are the same as through tfds; their order in the arrays is the files' (tfds
+    stores them in its own order), so a run's batches differ from a run with TensorFlow."""
+    from f8net_jax.data import offline
+
+    if config.image_size != 28:
+        raise ValueError(f"config.image_size {config.image_size}: without TensorFlow the "
+                         f"{config.dataset} images cannot be resized; use 28")
+    if (config.train_split, config.eval_split) != ("train", "test"):
+        raise ValueError(f"config.train_split/eval_split must be 'train'/'test' for "
+                         f"{config.dataset} without TensorFlow")
+    if config.dataset == "fashion_mnist_offline":
+        read = lambda split: offline.fashion_mnist_arrays(config.fashion_mnist_dir, split)
+    else:
+        read = offline.mnist5k_arrays
+    (train_x, train_y), (eval_x, eval_y) = read("train"), read("test")
+    return ((train_x, train_y.astype(np.int32)), (eval_x, eval_y.astype(np.int32)), 10)

@@ -78,7 +78,8 @@ def _requantize(x, shift, signed: bool, code: str):
     if np.all(s > 0):  # the usual case: one branch of fp.requantize, nothing to select
         r = jnp.clip(fp.rounding_shift(x, _channels(s)), lo, hi)
     else:  # the shift is fl_in - fl_out; fp.requantize takes them as two formats >= 0
-        r = fp.requantize(x, np.maximum(s, 0), np.maximum(-s, 0), signed=signed, axis=-1)
+        r = fp.requantize(x, np.maximum(s, 0), np.maximum(-s, 0), signed=signed, axis=-1,
+                          wide=True)  # any left shift the program holds
     if code == "u8":
         return r.astype(jnp.uint8)
     return (r if signed else r - 128).astype(jnp.int8)

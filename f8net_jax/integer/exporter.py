@@ -114,7 +114,7 @@ class _Builder:
                                  (1, 1, 256, channels))
         value = common.prepare_image(jnp.asarray(pixels), total_stride=1, model="table",
                                      normalize=True)
-        q = fp.quantize(value, jnp.float32(fl), signed=True) * fp.pow2(fl)
+        q = fp.quantize(value, jnp.float32(fl), signed=True, wide=True) * fp.pow2(fl)
         table = np.asarray(q, np.float32)[0, 0].T.astype(np.int8)  # [channels, 256]
         key = f"{stem}/table"
         self.arrays[key] = table
