@@ -295,3 +295,29 @@ def test_two_processes_with_jax_distributed_complete_the_smoke_config(tmp_path):
         assert p.returncode == 0, out[-3000:]
     assert "eval_accuracy" in outputs[0]
     assert os.path.isdir(tmp_path / "dist" / "checkpoints" / "12")
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist_offline", "mnist5k"])
+def test_offline_datasets_load_without_tensorflow(dataset):
+    if dataset == "fashion_mnist_offline" and not os.path.exists(
+            os.path.join(default.get_config().fashion_mnist_dir, "t10k-labels-idx1-ubyte.gz")):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    code = (
+        "import sys, json; sys.modules['tensorflow'] = None\n"
+        "from configs import default; from f8net_jax import data\n"
+        "c = default.get_config(); c.dataset = sys.argv[1]; c.image_size = 28\n"
+        "c.train_examples = 1000\n"
+        "d = data.create(c, local_devices=1)\n"
+        "b = next(d.train_batches(0, 0)); e = next(d.eval_batches())\n"
+        "print(json.dumps([d.train_size, d.eval_size, d.num_classes, list(d.image_shape),\n"
+        "                  str(b['image'].dtype), int(b['label'].max()),\n"
+        "                  'tensorflow' in sys.modules and sys.modules['tensorflow'] is not None]))\n"
+        "c.image_size = 32\n"
+        "try:\n    data.create(c, local_devices=1)\nexcept ValueError as err:\n    print(err)\n")
+    out = run_script(["-c", code, dataset])
+    lines = out.stdout.strip().splitlines()
+    train_size, eval_size, classes, shape, dtype, top_label, imported = json.loads(lines[-2])
+    assert (train_size, classes, shape, dtype) == (1000, 10, [28, 28, 1], "uint8")
+    assert eval_size == (10000 if dataset == "fashion_mnist_offline" else 1000)
+    assert 0 <= top_label < 10 and not imported
+    assert "config.image_size 32: without TensorFlow" in lines[-1]
