@@ -77,11 +77,24 @@ def fold_conv_bn(kernel: jax.Array, gamma: jax.Array, beta: jax.Array, mean: jax
     with sigma = sqrt(var + eps). The layer's output conv(x, W_f) + b_f is then in the
     units of its consumer (scale s_out) when x is in its own units (scale s_in).
     """
-    inv_sigma = gamma / jnp.sqrt(var + eps)
-    # The official code's order of operations, so that float32 rounding agrees with it.
-    w_f = inv_sigma * kernel * in_scale / out_scale
-    b_f = (beta - inv_sigma * mean) / out_scale
+    # The official code's order of operations, each step correctly rounded in float32, so
+    # that jitted code gives the numbers of the official code (and of numpy). Left alone,
+    # XLA's simplifier turns g / sqrt(v) into g * rsqrt(v) and x / s for a scalar s into
+    # x * (1 / s), and the compiler fuses b - g * m into one multiply-add: a quarter of the
+    # entries then come out one ulp off, enough to move a weight across a rounding tie. The
+    # barriers keep the sqrt, the product and the divisor tensors whole.
+    sigma = _barrier(jnp.sqrt(var + eps))
+    inv_sigma = gamma / sigma
+    w_f = inv_sigma * kernel * in_scale
+    w_f = w_f / _barrier(jnp.broadcast_to(jnp.asarray(out_scale, w_f.dtype), w_f.shape))
+    b_f = beta - _barrier(inv_sigma * mean)  # no fused multiply-add
+    b_f = b_f / _barrier(jnp.broadcast_to(jnp.asarray(out_scale, b_f.dtype), b_f.shape))
     return w_f, b_f
+
+
+def _barrier(x: jax.Array) -> jax.Array:
+    """x, hidden from XLA's algebraic rewrites (differentiable, no cost of its own)."""
+    return jax.lax.optimization_barrier(x)
 
 
 def round_bias(bias: jax.Array, fraclen: jax.Array) -> jax.Array:
