@@ -321,3 +321,29 @@ def test_offline_datasets_load_without_tensorflow(dataset):
     assert eval_size == (10000 if dataset == "fashion_mnist_offline" else 1000)
     assert 0 <= top_label < 10 and not imported
     assert "config.image_size 32: without TensorFlow" in lines[-1]
+
+
+def test_imagenet_configs_follow_the_official_recipes():
+    """docs/METHOD.md 7: learning rates and weight decay per model; tiny fine-tuning at the
+    official batch 128 on one device, grid formats, no clipping."""
+    import importlib
+    expected = {  # config: (model, mode, lr, weight decay scheme)
+        "imagenet_resnet18_fp": ("resnet18", "float", 0.05, "all"),
+        "imagenet_resnet18_f8": ("resnet18", "fixed", 0.1, "all"),
+        "imagenet_mobilenet_v1_fp": ("mobilenet_v1", "float", 0.05, "all"),
+        "imagenet_mobilenet_v1_f8": ("mobilenet_v1", "fixed", 0.05, "all"),
+        "imagenet_mobilenet_v2_fp": ("mobilenet_v2", "float", 0.1, "no_depthwise_no_bn"),
+        "imagenet_mobilenet_v2_f8": ("mobilenet_v2", "fixed", 0.1, "no_depthwise_no_bn"),
+    }
+    for name, (model, mode, lr, scheme) in expected.items():
+        config = importlib.import_module(f"configs.{name}").get_config()
+        assert (config.model, config.quant.mode, config.learning_rate,
+                config.weight_decay_scheme) == (model, mode, lr, scheme), name
+        assert (config.batch_size, config.num_epochs, config.weight_decay) == (2048, 150, 4e-5)
+        train.check_config(config)
+    for name, steps, lr in (("imagenet_resnet18_tiny_finetune", 100, 0.0),
+                            ("imagenet_resnet50_tiny_finetune", 500, 1e-4)):
+        config = importlib.import_module(f"configs.{name}").get_config()
+        assert (config.batch_size, config.num_train_steps, config.learning_rate) == (128, steps, lr)
+        assert (config.quant.clipping, config.quant.format_rule, config.lr_schedule) == (
+            False, "grid", "constant")
