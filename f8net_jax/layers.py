@@ -209,8 +209,12 @@ class InputQuantizer(nn.Module):
             return (fp.pact_clip(x, jnp.abs(alpha), signed=self.signed), None,
                     jnp.float32(1.0))
         if self.kind == "image":
+            # Pixels p arrive as p / 256, already on the grid; the gradient passes to every
+            # pixel (0 and 255 included), as in the official code, whose stem reads the
+            # image unquantized.
             fraclen = jnp.float32(fp.max_fraclen(signed=False, bits=q.bits))
-            return fp.quantize(x, fraclen, signed=False, bits=q.bits), fraclen, jnp.float32(1.0)
+            x_q = jax.lax.stop_gradient(fp.quantize(x, fraclen, signed=False, bits=q.bits))
+            return x_q + (x - jax.lax.stop_gradient(x)), fraclen, jnp.float32(1.0)
         old_fraclen = self.eval_fraclen()
         if not train:
             return (fp.quantize(x, old_fraclen, signed=self.signed, bits=q.bits, wide=wide),

@@ -239,3 +239,24 @@ def test_quant_config_from_ml_collections():
     assert (q.mode, q.clipping, q.format_rule) == ("float", False, "grid")
     with pytest.raises(ValueError, match=r"unknown quant field\(s\) \['rule'\]"):
         QuantConfig.from_config({"rule": "std"})
+
+
+def test_stem_passes_the_gradient_to_every_pixel_and_keeps_pixels_exact():
+    """The image input (pixels p as p / 256 at fl 8) is on its grid already: the forward
+    is exact, and the straight-through gradient reaches every pixel, 0 and 255 included,
+    as in the official code, whose stem reads the image unquantized."""
+    layer = QuantConvBN(1, 2, 1, FIXED, input_kind="image")
+    pixels = np.array([0, 1, 128, 254, 255, 255, 7, 0], np.float32).reshape(1, 2, 4, 1)
+    x = pixels / 256.0
+    variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+
+    def out(x):
+        y, _ = layer.apply(variables, x, train=True, mutable=["batch_stats", "quant_stats"])
+        return y[..., 0].sum() + (y[..., 1] ** 2).sum()
+
+    grad = np.asarray(jax.grad(out)(x))
+    assert np.all(grad != 0), grad.ravel()
+    quantizer = layers.InputQuantizer(kind="image", owns_alpha=False, quant=FIXED)
+    x_q, fl, _ = quantizer.apply({}, x, alpha=None, train=True)
+    np.testing.assert_array_equal(np.asarray(x_q), x)
+    assert float(fl) == 8.0
