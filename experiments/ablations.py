@@ -32,7 +32,7 @@ Each run lives in WORKDIR/<setting>/seed<k>/ (a training workdir: resumes when k
 and, once finished, holds result.json: setting, seed, test top-1 (%), for fixed-point runs
 the integer executor's top-1 on the same eval images and whether its logits and every
 intermediate tensor equal the simulation's (checked on the first 256 images), wall time,
-the machine and its load, and the full config. Finished runs are
+the machine and its load, the git commit, and the full config. Finished runs are
 skipped; the CSV gets its row the moment a run finishes (and any finished run missing from
 it is appended at the next start), so nothing finished is lost or rerun. The table and the
 plot come from the CSV: ``python -m experiments.report``.
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import importlib.util
 import json
 import logging as python_logging
 import os
@@ -51,6 +50,8 @@ import sys
 import time
 
 from absl import app, flags, logging
+
+from f8net_jax.train import load_config_file as load_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", None, "Fixed-point config file (configs/*_f8.py).")
@@ -89,20 +90,6 @@ SETTINGS = {
     "f8_wide_fraclen": (True, {"quant.wide_fraclen": True}),
 }
 CSV_FIELDS = ("setting", "seed", "top1", "integer_top1", "integer_exact", "wall_s")
-
-
-def load_config(path: str):
-    """get_config() of a config file (configs/*.py), imported with the repo on sys.path."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    spec = importlib.util.spec_from_file_location(
-        "ablation_" + os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def fp_config_path(base: str, fp_base: str = "") -> str:
@@ -175,6 +162,20 @@ def build_config(setting: str, seed: int, *, base: str, fp_base: str, workdir: s
         path, value = item.split("=", 1)
         apply_overrides(config, {path: value})
     return config
+
+
+def source_commit() -> str:
+    """The git commit of this checkout ('+changes' if files differ from it), or ''."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return commit + ("+changes" if dirty.strip() else "")
 
 
 def machine() -> dict:
@@ -269,6 +270,7 @@ def run_one(setting: str, seed: int, config, run_dir: str, integer: bool,
                             result["integer_exact"])
     result["wall_s"] = time.time() - start
     result["machine"] = machine()
+    result["commit"] = source_commit()
     result["config"] = json.loads(config.to_json_best_effort())
     if not chief:
         return result

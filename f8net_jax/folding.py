@@ -80,14 +80,15 @@ def fold_conv_bn(kernel: jax.Array, gamma: jax.Array, beta: jax.Array, mean: jax
     # The official code's order of operations, each step correctly rounded in float32, so
     # that jitted code gives the numbers of the official code (and of numpy). Left alone,
     # XLA's simplifier turns g / sqrt(v) into g * rsqrt(v) and x / s for a scalar s into
-    # x * (1 / s), and the compiler fuses b - g * m into one multiply-add: a quarter of the
-    # entries then come out one ulp off, enough to move a weight across a rounding tie. The
-    # barriers keep the sqrt, the product and the divisor tensors whole.
+    # x * (1 / s), and the compiler contracts b - g * m into one fused multiply-add: a
+    # quarter of the entries then come out one ulp off, enough to move a weight across a
+    # rounding tie. The barriers keep the sqrt and the divisors whole; the product of the
+    # bias is materialized before the subtraction.
     sigma = _barrier(jnp.sqrt(var + eps))
     inv_sigma = gamma / sigma
     w_f = inv_sigma * kernel * in_scale
     w_f = w_f / _barrier(jnp.broadcast_to(jnp.asarray(out_scale, w_f.dtype), w_f.shape))
-    b_f = beta - _barrier(inv_sigma * mean)  # no fused multiply-add
+    b_f = beta - _materialized(inv_sigma * mean)
     b_f = b_f / _barrier(jnp.broadcast_to(jnp.asarray(out_scale, b_f.dtype), b_f.shape))
     return w_f, b_f
 
@@ -95,6 +96,15 @@ def fold_conv_bn(kernel: jax.Array, gamma: jax.Array, beta: jax.Array, mean: jax
 def _barrier(x: jax.Array) -> jax.Array:
     """x, hidden from XLA's algebraic rewrites (differentiable, no cost of its own)."""
     return jax.lax.optimization_barrier(x)
+
+
+def _materialized(x: jax.Array) -> jax.Array:
+    """x, rounded to its dtype before any consumer sees it, so that the compiler cannot
+    contract its multiplication with the consumer's addition into a fused multiply-add
+    (XLA drops optimization barriers on the CPU before fusing, and fuses reductions into
+    loops). A sort is never fused: the first of sort([x, x]) is x. Meant for per-channel
+    vectors: it costs one sort of pairs."""
+    return jnp.sort(jnp.stack([x, x]), axis=0)[0]
 
 
 def round_bias(bias: jax.Array, fraclen: jax.Array) -> jax.Array:

@@ -94,6 +94,26 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     quant_config(config)  # validates the quant fields
 
 
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """get_config() of a config file (configs/*.py), imported with the folder above it on
+    sys.path (so that ``from configs import ...`` works from anywhere)."""
+    import importlib.util
+    import sys
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    spec = importlib.util.spec_from_file_location(
+        "config_" + os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path!r} has no get_config()")
+    return module.get_config()
+
+
 def quant_config(config) -> QuantConfig:
     """The model's QuantConfig; batch statistics span the pmap axis 'batch' when
     config.sync_batch_stats (the default)."""
