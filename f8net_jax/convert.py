@@ -124,9 +124,83 @@ def torchvision_layers(model: str) -> list:
 
 
 def official_layers(model: str) -> list:
-    """The official code's module names (models/fix_*.py), each a ReLUClipFXQConvBN with
-    ``conv`` and ``bn`` (or a ReLUClipFXQLinear with ``linear``)."""
-    raise ConversionError(f"--from=official is not available for {model!r} yet")
+    """The official code's module names (models/fix_*.py): each ReLUClipFXQConvBN P has
+    P.conv and P.bn (and P.alpha, P.input_fraclen); the classifier is classifier.0."""
+    def convbn(ours, prefix):
+        return (ours, f"{prefix}.conv|{prefix}.bn", "convbn")
+
+    pairs = [convbn("stem", "head.0")]
+    if model in ("resnet18", "resnet50"):
+        stages, bottleneck = _resnet_stages(model)
+        for s, n in enumerate(stages):
+            for b in range(n):
+                ours, theirs = f"stage{s + 1}_block{b + 1}", f"stage_{s}_layer_{b}"
+                for j in range(3 if bottleneck else 2):
+                    pairs.append(convbn(f"{ours}/body_{j}", f"{theirs}.body.{j}"))
+                if b == 0 and (s > 0 or bottleneck):
+                    pairs.append(convbn(f"{ours}/shortcut", f"{theirs}.shortcut.0"))
+    elif model == "mobilenet_v1":
+        k = 0
+        for s, n in enumerate((1, 2, 2, 6, 2)):
+            for i in range(n):
+                k += 1
+                pairs.append(convbn(f"layer{k}_depthwise", f"stage_{s}_layer_{i}.body.0"))
+                pairs.append(convbn(f"layer{k}_pointwise", f"stage_{s}_layer_{i}.body.1"))
+    elif model == "mobilenet_v2":
+        k = 0
+        for s, n in enumerate((1, 2, 3, 4, 3, 3, 1)):
+            for i in range(n):
+                k += 1
+                for j in range(2 if s == 0 else 3):
+                    pairs.append(convbn(f"block{k}/layers_{j}", f"stage_{s}_layer_{i}.body.{j}"))
+        pairs.append(convbn("tail", "tail.0"))
+    else:
+        raise ConversionError(f"--model {model!r} has no official F8Net checkpoint; choose "
+                              f"one of {list(CONVERTIBLE['official'])}")
+    return pairs + [("classifier", "classifier.0", "dense")]
+
+
+def _module(theirs: str) -> str:
+    """The official module prefix P of a correspondence's source ('P.conv|P.bn' or P)."""
+    return theirs.split("|")[0][:-len(".conv")] if "|" in theirs else theirs
+
+
+def official_extras(pairs: list, state: dict, shapes: dict) -> tuple:
+    """Entries of the alphas and running input fraclens our model has, the official keys we
+    drop on purpose, and warnings. The official code gives every layer an alpha and (fixed
+    point) an input_fraclen buffer, but reads the alpha of the chain's first layer in every
+    layer of a residual chain, and never the stem's (it reads pixels unclipped): where our
+    layer has no alpha (it reads its chain's), the official alpha is unused and dropped;
+    so is the stem's input_fraclen unless the input is normalized."""
+    entries, dropped, warnings = {}, set(), []
+    for ours, theirs, kind in pairs:
+        module = _module(theirs)
+        alpha, fraclen = f"{ours}/input/alpha", f"{ours}/input/fraclen"
+        if ("params", alpha) in shapes:
+            entries[("params", alpha)] = (f"{module}.alpha", None)
+        else:
+            dropped.add(f"{module}.alpha")
+        if ("quant_stats", fraclen) in shapes:
+            entries[("quant_stats", fraclen)] = (f"{module}.input_fraclen", _scalar)
+        else:
+            dropped.add(f"{module}.input_fraclen")
+    # ResNet-50: the official first projection shortcut clips at an alpha of its own, which
+    # it does read; ours reads the alpha of the stream it shares with the block's first conv.
+    own, shared = "stage_0_layer_0.shortcut.0.alpha", "stage_0_layer_0.body.0.alpha"
+    if own in state and shared in state and own in dropped and not np.array_equal(
+            state[own], state[shared]):
+        warnings.append(
+            f"{own} = {float(np.asarray(state[own])):.6g} differs from {shared} = "
+            f"{float(np.asarray(state[shared])):.6g}: the official code clips the first "
+            f"projection shortcut's input at its own alpha, ours at the alpha it shares with "
+            f"stage1_block1/body_0 (METHOD.md 5), so that shortcut's output changes; "
+            f"training recovers it")
+    return entries, dropped, warnings
+
+
+def _scalar(value: np.ndarray) -> np.ndarray:
+    """A per-layer buffer of shape [1] as our scalar."""
+    return value.reshape(()) if value.size == 1 else value
 
 
 # --------------------------------------------------------------------------------------
@@ -159,15 +233,20 @@ def _ignorable(key: str) -> bool:
 
 
 def convert_variables(state: dict, entries: dict, ours: dict,
-                      ignorable: Callable[[str], bool] = _ignorable) -> dict:
+                      ignorable: Callable[[str], bool] = _ignorable,
+                      constants: Optional[dict] = None) -> dict:
     """Our variables (``ours``: {(collection, path): shape}) filled from ``state`` by
-    ``entries``; raises ConversionError naming the first missing, extra or misshapen key."""
-    missing_ours = sorted(set(ours) - set(entries))
+    ``entries`` (and ``constants``, values no source key holds); raises ConversionError
+    naming the first missing, extra or misshapen key."""
+    constants = constants or {}
+    missing_ours = sorted(set(ours) - set(entries) - set(constants))
     if missing_ours:
         col, path = missing_ours[0]
         raise ConversionError(f"no source key feeds our {col}/{path}")
-    out, used = {}, set()
+    out, used = dict(constants), set()
     for (col, path), shape in sorted(ours.items()):
+        if (col, path) in constants:
+            continue
         key, transform = entries[(col, path)]
         if key not in state:
             raise ConversionError(f"key {key!r} is missing from the state dict (it feeds "
@@ -194,13 +273,20 @@ def default_config(source: str, model: str, config_path: str = ""):
     if config_path:
         return load_config(config_path)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    name = f"imagenet_{model}_fp.py" if source == "torchvision" else f"imagenet_{model}_f8.py"
+    if source == "torchvision":
+        name = f"imagenet_{model}_fp.py"
+    elif model == "resnet50":  # the official ResNet-50 is the tiny fine-tuning recipe
+        name = "imagenet_resnet50_tiny_finetune.py"
+    else:
+        name = f"imagenet_{model}_f8.py"
     config = load_config(os.path.join(root, "configs", name))
     if source == "torchvision":
         config.quant.mode = "float"
-        config.quant.clipping = False
-        config.quant.normalized_input = True
-        config.quant.rescale_classifier = False
+        # ReLU networks: no clipping; MobileNet V2's ReLU6 is a clip (relu6_alphas);
+        # the official float MobileNet V1 has PACT alphas.
+        config.quant.clipping = model in ("mobilenet_v1", "mobilenet_v2")
+        config.quant.normalized_input = model != "mobilenet_v1"
+        config.quant.rescale_classifier = model == "mobilenet_v1"
     return config
 
 
@@ -257,7 +343,8 @@ def write_workdir(workdir: str, config, model, image_shape, values: dict) -> Non
 
 def convert(source: str, model_name: str, state: dict, config,
             num_classes: Optional[int] = None):
-    """(model, {(collection, path): array}, image shape) of ``state`` for ``config``."""
+    """(model, {(collection, path): array}, image shape, warnings) of ``state`` for
+    ``config``."""
     if source not in SOURCES:
         raise ConversionError(f"--from must be one of {list(SOURCES)}, got {source!r}")
     if model_name not in CONVERTIBLE[source]:
@@ -285,15 +372,30 @@ def convert(source: str, model_name: str, state: dict, config,
         raise ConversionError(f"key {key!r} has {found} classes; --num_classes says "
                               f"{num_classes}")
     model, shapes, image_shape = our_shapes(config, found)
-    entries = source_entries(pairs)
-    if source == "official":
-        entries.update(official_extras(model_name, state, shapes, fixed))
-    values = convert_variables(state, entries, shapes)
-    return model, values, image_shape
+    entries, dropped, warnings = source_entries(pairs), set(), []
+    if source == "official" or model_name == "mobilenet_v1":
+        extra, dropped, warnings = official_extras(pairs, state, shapes)
+        entries.update(extra)
+    constants = (relu6_alphas(shapes) if source == "torchvision" and model_name == "mobilenet_v2"
+                 else {})
+    values = convert_variables(state, entries, shapes,
+                               ignorable=lambda k: _ignorable(k) or k in dropped,
+                               constants=constants)
+    return model, values, image_shape, warnings
 
 
-def official_extras(model_name, state, shapes, fixed) -> dict:
-    raise ConversionError(f"--from=official is not available for {model_name!r} yet")
+def relu6_alphas(shapes: dict) -> dict:
+    """torchvision's MobileNet V2 in our float model with clipping: its ReLU6 is the clip
+    at alpha 6 of every unsigned input; its linear bottlenecks, which our signed inputs
+    clip at +-alpha, get alpha 2^15, far above any activation. The float model then
+    computes torchvision's function exactly."""
+    out = {}
+    for col, path in shapes:
+        if path.endswith("/input/alpha"):
+            layer = path[:-len("/input/alpha")]
+            signed = layer == "tail" or (layer.endswith("/layers_0") and layer != "block1/layers_0")
+            out[(col, path)] = np.float32(2.0 ** 15 if signed else 6.0)
+    return out
 
 
 def main(argv=None) -> None:
@@ -314,8 +416,10 @@ def main(argv=None) -> None:
             raise ConversionError(f"--output {args.output!r} exists and is not an empty folder")
         state = read_state_dict(args.input)
         config = default_config(args.source, args.model, args.config)
-        model, values, image_shape = convert(args.source, args.model, state, config,
-                                             args.num_classes)
+        model, values, image_shape, warnings = convert(args.source, args.model, state, config,
+                                                       args.num_classes)
+        for warning in warnings:
+            print(f"f8net_jax.convert: warning: {warning}", file=sys.stderr)
         write_workdir(args.output, config, model, image_shape, values)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"f8net_jax.convert: {e}")

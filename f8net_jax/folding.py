@@ -64,7 +64,11 @@ def activation_scale(alpha: jax.Array, fraclen: jax.Array, *, signed: bool,
     PACT's quantizer with clipping level alpha and step alpha / (2^(bits - signed) - 1).
     """
     levels = (1 << (bits - int(signed))) - 1
-    return fp.pow2(fraclen, jnp.float32) * jnp.abs(alpha) / levels
+    value = fp.pow2(fraclen, jnp.float32) * jnp.abs(alpha)
+    # A true division, as the official code's: XLA multiplies by the reciprocal of a
+    # divisor it knows to be constant, one ulp off for most alphas; levels + 0 * value is
+    # levels for every finite value, but not a constant.
+    return value / _barrier(levels + jnp.zeros_like(value) * value)
 
 
 def fold_conv_bn(kernel: jax.Array, gamma: jax.Array, beta: jax.Array, mean: jax.Array,

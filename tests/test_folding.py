@@ -72,6 +72,15 @@ def test_round_bias_puts_the_bias_on_the_accumulator_grid_and_saturates():
     assert out[2] * 16 == np.float32(folding.INT32_MAX) and out[3] * 16 == -np.float32(folding.INT32_MAX)
 
 
+def test_jitted_activation_scale_is_a_correctly_rounded_division():
+    alphas = np.random.default_rng(3).uniform(0.5, 12.0, 2000).astype(np.float32)
+    for signed, levels in ((False, 255), (True, 127)):
+        f = jax.jit(jax.vmap(lambda a: folding.activation_scale(a, jnp.float32(6.0),
+                                                                 signed=signed)))
+        expected = (np.float32(64) * alphas) / np.float32(levels)
+        assert np.array_equal(np.asarray(f(alphas)), expected)
+
+
 def test_activation_scale_is_pact_step_times_two_to_the_fraclen():
     s = folding.activation_scale(jnp.float32(-6.0), jnp.float32(5.0), signed=False)
     assert float(s) == pytest.approx(32 * 6.0 / 255)
