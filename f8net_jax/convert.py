@@ -244,13 +244,18 @@ def convert_variables(state: dict, entries: dict, ours: dict,
         col, path = missing_ours[0]
         raise ConversionError(f"no source key feeds our {col}/{path}")
     out, used = dict(constants), set()
-    for (col, path), shape in sorted(ours.items()):
+    order = sorted(ours.items(), key=lambda item: (item[0][0] != "params", item[0][1]))
+    missing = [(entries[k][0], k) for k, _ in order if k not in constants
+               and entries[k][0] not in state]
+    if missing:
+        key, (col, path) = missing[0]
+        raise ConversionError(f"key {key!r} is missing from the state dict (it feeds "
+                              f"{col}/{path})" + (f"; {len(missing) - 1} more keys are missing"
+                                                  if len(missing) > 1 else ""))
+    for (col, path), shape in order:
         if (col, path) in constants:
             continue
         key, transform = entries[(col, path)]
-        if key not in state:
-            raise ConversionError(f"key {key!r} is missing from the state dict (it feeds "
-                                  f"{col}/{path})")
         value = np.asarray(state[key], np.float32)
         if transform is not None:
             value = transform(value)
@@ -270,6 +275,7 @@ def default_config(source: str, model: str, config_path: str = ""):
     """The run's config: --config, or configs/imagenet_<model>_{f8,fp}.py adapted to the
     source."""
     from f8net_jax.train import load_config_file as load_config
+    check_choice(source, model)
     if config_path:
         return load_config(config_path)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -341,15 +347,19 @@ def write_workdir(workdir: str, config, model, image_shape, values: dict) -> Non
         f.write(config.to_json_best_effort(indent=1))
 
 
+def check_choice(source: str, model: str) -> None:
+    if source not in SOURCES:
+        raise ConversionError(f"--from must be one of {list(SOURCES)}, got {source!r}")
+    if model not in CONVERTIBLE[source]:
+        raise ConversionError(f"--model {model!r} cannot come from {source}; choose one of "
+                              f"{list(CONVERTIBLE[source])}")
+
+
 def convert(source: str, model_name: str, state: dict, config,
             num_classes: Optional[int] = None):
     """(model, {(collection, path): array}, image shape, warnings) of ``state`` for
     ``config``."""
-    if source not in SOURCES:
-        raise ConversionError(f"--from must be one of {list(SOURCES)}, got {source!r}")
-    if model_name not in CONVERTIBLE[source]:
-        raise ConversionError(f"--model {model_name!r} cannot come from {source}; choose one "
-                              f"of {list(CONVERTIBLE[source])}")
+    check_choice(source, model_name)
     if config.model != model_name:
         raise ConversionError(f"the config's model is {config.model!r}, --model says "
                               f"{model_name!r}")

@@ -354,3 +354,101 @@ def test_converted_official_fixed_point_model_equals_the_official_eval_forward(
         program = integer.export(variables, model, config, image_shape=PIXELS.shape[1:])
         report = verify(program, model_, variables, PIXELS)
         assert report.exact, report.last_line()
+
+
+# --------------------------------------------------------------------------------------
+# Refusals: named keys, nothing written.
+
+
+def run_convert(tmp_path, state, *args):
+    np.savez(tmp_path / "sd.npz", **state)
+    return subprocess.run([sys.executable, "-m", "f8net_jax.convert",
+                           f"--input={tmp_path / 'sd.npz'}", f"--output={tmp_path / 'out'}",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def edited(name, edit):
+    state = random_state(name)
+    edit(state)
+    return state
+
+
+@pytest.mark.parametrize("source, model, keys, edit, match", [
+    ("torchvision", "resnet18", "torchvision_resnet18",
+     lambda s: s.pop("layer2.0.downsample.1.running_var"),
+     "key 'layer2.0.downsample.1.running_var' is missing"),
+    ("torchvision", "resnet18", "torchvision_resnet18",
+     lambda s: s.update({"layer5.0.conv1.weight": np.zeros((1, 1, 1, 1), np.float32)}),
+     "key 'layer5.0.conv1.weight' of the state dict has no place in our model"),
+    ("torchvision", "resnet18", "torchvision_resnet18",
+     lambda s: s.update({"layer1.0.conv2.weight": np.zeros((64, 64, 1, 1), np.float32)}),
+     "key 'layer1.0.conv2.weight' has shape \\(64, 64, 1, 1\\)"),
+    ("torchvision", "resnet50", "torchvision_resnet18", lambda s: None,
+     "key 'layer1.0.bn3.bias' is missing .*; 164 more keys are missing"),
+    ("official", "resnet18", "official_resnet18_float", lambda s: None,
+     "key 'classifier.0.input_fraclen' is missing"),
+    ("official", "mobilenet_v2", "official_mobilenet_v2_fixed",
+     lambda s: s.pop("stage_3_layer_1.body.0.alpha"),
+     "key 'stage_3_layer_1.body.0.alpha' is missing"),
+    ("official", "mobilenet_v1", "official_mobilenet_v1_fixed",
+     lambda s: s.update({"stage_0_layer_0.body.1.input_fraclen": np.zeros(2, np.float32)}),
+     "key 'stage_0_layer_0.body.1.input_fraclen' has shape \\(2,\\)"),
+    ("torchvision", "mobilenet_v1", "official_mobilenet_v1_fixed", lambda s: None,
+     "key 'classifier.0.input_fraclen' marks a fixed-point state dict, but the config is float"),
+    ("official", "resnet34", "official_resnet18_fixed", lambda s: None,
+     "--model 'resnet34' cannot come from official"),
+])
+def test_mismatched_state_dicts_fail_naming_the_key_and_write_nothing(
+        tmp_path, source, model, keys, edit, match):
+    out = run_convert(tmp_path, edited(keys, edit), f"--from={source}", f"--model={model}")
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert __import__("re").search(match, out.stderr), out.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_class_count_and_an_occupied_output_are_refused(tmp_path):
+    state = random_state("torchvision_resnet18")
+    out = run_convert(tmp_path, state, "--from=torchvision", "--model=resnet18",
+                      "--num_classes=10")
+    assert out.returncode != 0 and "key 'fc.weight' has 1000 classes; --num_classes says 10" \
+        in out.stderr
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    out = run_convert(tmp_path, state, "--from=torchvision", "--model=resnet18")
+    assert out.returncode != 0 and "exists and is not an empty folder" in out.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["keep.txt"]
+
+
+def test_a_pth_without_torch_says_how_to_read_it(tmp_path):
+    path = tmp_path / "model.pth"
+    path.write_bytes(b"not a real checkpoint")
+    out = subprocess.run([sys.executable, "-c",
+                          "import sys; sys.modules['torch'] = None\n"
+                          "from f8net_jax import convert\n"
+                          f"convert.main(['--from=torchvision', '--model=resnet18', "
+                          f"'--input={path}', '--output={tmp_path / 'out'}'])"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "needs torch" in out.stderr and ".npz" in out.stderr
+
+
+def test_official_resnet50_keeps_used_alphas_drops_the_rest_and_warns_about_its_shortcut():
+    state = random_state("official_resnet50_fixed")
+    config = convert.default_config("official", "resnet50")
+    config.quant.clipping = True  # an official ResNet-50 trained with PACT
+    config.quant.format_rule = "std"
+    _, values, _, warnings = convert.convert("official", "resnet50", state, config)
+    alphas = {path for col, path in values if path.endswith("alpha")}
+    # 54 official alphas: 15 never read by the official code, one read there but shared
+    # here (the first projection shortcut), 38 carried over; with normalized input the
+    # stem reads a signed input and clips too (head.0.alpha), 39.
+    assert len(alphas) == 39 and "stem/input/alpha" in alphas
+    assert len(warnings) == 1 and "stage_0_layer_0.shortcut.0.alpha" in warnings[0]
+    state["stage_0_layer_0.shortcut.0.alpha"] = state["stage_0_layer_0.body.0.alpha"]
+    assert convert.convert("official", "resnet50", state, config)[3] == []
+    # The official recipe (no clipping, grid formats, normalized input): no alpha at all,
+    # every running input format including the stem's.
+    _, values, _, warnings = convert.convert("official", "resnet50", state,
+                                             convert.default_config("official", "resnet50"))
+    assert not any(path.endswith("alpha") for _, path in values) and warnings == []
+    assert sum(path.endswith("fraclen") for _, path in values) == 54
