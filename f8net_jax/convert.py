@@ -1,7 +1,7 @@
 """Brings pretrained and official F8Net checkpoints in as training workdirs.
 
     python -m f8net_jax.convert --from=torchvision|official --model=NAME --input=FILE \
-        --output=WORKDIR [--config=configs/X.py]
+        --output=WORKDIR [--config=configs/X.py] [--data_dir=TFDS] [--num_classes=K]
 
 ``--from=torchvision``: a state dict of torchvision's resnet18, resnet50 or mobilenet_v2
 (their key names and shapes), or, for mobilenet_v1, which torchvision lacks, of the
@@ -417,6 +417,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output", required=True, help="the workdir to write")
     parser.add_argument("--config", default="", help="config file (default: "
                         "configs/imagenet_<model>_{fp,f8}.py adapted to the source)")
+    parser.add_argument("--data_dir", default=None,
+                        help="tfds data_dir written into the workdir's config")
     parser.add_argument("--num_classes", type=int, default=None,
                         help="classes the classifier must have (default: any)")
     args = parser.parse_args(argv)
@@ -426,6 +428,8 @@ def main(argv=None) -> None:
             raise ConversionError(f"--output {args.output!r} exists and is not an empty folder")
         state = read_state_dict(args.input)
         config = default_config(args.source, args.model, args.config)
+        if args.data_dir is not None:
+            config.data_dir = args.data_dir
         model, values, image_shape, warnings = convert(args.source, args.model, state, config,
                                                        args.num_classes)
         for warning in warnings:
