@@ -452,3 +452,14 @@ def test_official_resnet50_keeps_used_alphas_drops_the_rest_and_warns_about_its_
                                              convert.default_config("official", "resnet50"))
     assert not any(path.endswith("alpha") for _, path in values) and warnings == []
     assert sum(path.endswith("fraclen") for _, path in values) == 54
+
+
+def test_a_pth_checkpoint_reads_with_torch_like_its_npz(tmp_path):
+    torch = pytest.importorskip("torch")
+    state = random_state("official_resnet18_fixed")
+    # As the official code saves it: {'model': DataParallel state dict}.
+    torch.save({"model": {f"module.{k}": torch.from_numpy(v) for k, v in state.items()},
+                "last_epoch": 3}, tmp_path / "checkpoint.pt")
+    read = convert.read_state_dict(str(tmp_path / "checkpoint.pt"))
+    assert read.keys() == state.keys()
+    assert all(np.array_equal(read[k], state[k]) for k in state)
