@@ -463,3 +463,23 @@ def test_a_pth_checkpoint_reads_with_torch_like_its_npz(tmp_path):
     read = convert.read_state_dict(str(tmp_path / "checkpoint.pt"))
     assert read.keys() == state.keys()
     assert all(np.array_equal(read[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("model", ["resnet18", "resnet50", "mobilenet_v1", "mobilenet_v2"])
+@pytest.mark.parametrize("mode", ["fixed", "float"])
+def test_every_official_state_dict_converts_into_every_variable(model, mode):
+    state = random_state(f"official_{model}_{mode}")
+    if mode == "fixed":
+        config = convert.default_config("official", model)
+    else:  # its 'floating' configs: PACT clipping, pixels in
+        from f8net_jax.train import load_config_file
+        config = load_config_file(str(ROOT / "configs" / f"imagenet_{model}_fp.py"))
+    model_, values, _, _ = convert.convert("official", model, state, config)
+    _, shapes, _ = convert.our_shapes(config, 1000)
+    assert values.keys() == shapes.keys()
+    # Every kernel is the official conv weight, moved to HWIO.
+    assert np.array_equal(values[("params", "stem/kernel")],
+                          np.transpose(state["head.0.conv.weight"], (2, 3, 1, 0)))
+    used = {k for k in state if not k.endswith("num_batches_tracked")}
+    alphas = sum(k.endswith(".alpha") for k in used)
+    assert len(values) <= len(used) and alphas >= sum(p.endswith("alpha") for _, p in values)
