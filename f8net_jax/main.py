@@ -9,6 +9,7 @@ platforms where jax.distributed.initialize() finds them itself).
 """
 
 import logging as python_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -31,7 +32,13 @@ def parse_flags(argv):
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"f8net_jax: {e}")
+        # A config file that raised carries its traceback in the message: keep the first
+        # line (which flag, which file) and the last (the error).
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        sys.exit("f8net_jax: " + (f"{lines[0]} {lines[-1]}" if len(lines) > 1 else str(e)))
+    except SyntaxError as e:
+        sys.exit(f"f8net_jax: config file {e.filename!r} cannot be loaded: syntax error at "
+                 f"line {e.lineno}: {e.msg}")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         from configs import default
 
@@ -48,9 +55,32 @@ def parse_flags(argv):
         sys.exit(f"f8net_jax: bad --config value: {e}")
 
 
+def load_config():
+    """FLAGS.config (its file is read here, on first access), or one line naming the file
+    and what is wrong with it."""
+    path = FLAGS["config"].config_filename if hasattr(FLAGS["config"], "config_filename") \
+        else "--config"
+    try:
+        config = FLAGS.config
+        config.keys()  # a file that failed to load raises only when the config is used
+        return config
+    except Exception as e:  # the config file is user code: any error is its error
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        reason = (str(cause).strip().splitlines()[-1].strip() if str(cause).strip()
+                  else type(cause).__name__)
+        if isinstance(cause, SyntaxError):
+            reason = f"syntax error at line {cause.lineno}: {cause.msg}"
+        sys.exit(f"f8net_jax: config file {path!r} cannot be loaded: {reason}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = load_config()
+    if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+        sys.exit(f"f8net_jax: --workdir {FLAGS.workdir!r} is a file, not a folder")
     # Orbax reports every checkpoint step at INFO; keep the console to our own lines.
     logging.get_absl_logger().addFilter(
         lambda record: "/orbax/" not in record.pathname or record.levelno >= python_logging.WARNING)
@@ -66,7 +96,7 @@ def main(argv):
     logging.info("JAX process %d of %d, local devices %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train.train_and_evaluate(config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"f8net_jax: {e}")
 

@@ -58,6 +58,31 @@ class Metrics(metrics.Collection):
 # Configuration.
 
 
+FIELD_RANGES = {  # field: (test, what is allowed)
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "num_epochs": (lambda v: v >= 0, ">= 0"),
+    "num_train_steps": (lambda v: v == -1 or v >= 1, "-1 (use num_epochs) or >= 1"),
+    "log_every_steps": (lambda v: v >= 1, ">= 1"),
+    "checkpoint_every_steps": (lambda v: v >= 0, ">= 0 (0: once per epoch)"),
+    "eval_every_epochs": (lambda v: v >= 1, ">= 1"),
+    "eval_batches": (lambda v: v == -1 or v >= 1, "-1 (the whole split) or >= 1"),
+    "max_checkpoints": (lambda v: v >= 1, ">= 1 (the last good checkpoint is always kept)"),
+    "learning_rate": (lambda v: v >= 0, ">= 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "image_size": (lambda v: v >= 1, ">= 1"),
+    "channels": (lambda v: v >= 1, ">= 1"),
+    "num_classes": (lambda v: v >= 1, ">= 1"),
+    "synthetic_train_size": (lambda v: v >= 1, ">= 1"),
+    "synthetic_eval_size": (lambda v: v >= 1, ">= 1"),
+    "seed": (lambda v: v >= 0, ">= 0"),
+    "train_examples": (lambda v: v == -1 or v >= 1, "-1 (all) or >= 1"),
+    "shuffle_buffer": (lambda v: v >= 0, ">= 0 (0: 16 x host batch)"),
+    "width_multiplier": (lambda v: v > 0, "> 0"),
+}
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the field, on values the run cannot use."""
     from configs import default  # the reference set of fields
@@ -73,6 +98,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 walk(cfg[key], ref[key], f"{prefix}{key}.")
 
     walk(config, reference)
+    for field, (ok, allowed) in FIELD_RANGES.items():
+        value = config.get(field, reference[field])
+        kind = float if isinstance(reference[field], float) else int
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                kind is int and not float(value).is_integer()):
+            raise ValueError(f"config.{field} must be {'a number' if kind is float else 'an integer'}"
+                             f" ({allowed}), got {value!r}")
+        if not math.isfinite(value) or not ok(value):
+            raise ValueError(f"config.{field} must be {allowed}, got {value!r}")
     if config.model not in models.MODEL_NAMES:
         raise ValueError(f"config.model must be one of {list(models.MODEL_NAMES)}, "
                          f"got {config.model!r}")
@@ -83,9 +117,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.batch_size % jax.device_count():
         raise ValueError(f"config.batch_size {config.batch_size} is not divisible by the "
                          f"{jax.device_count()} devices: use a multiple of {jax.device_count()}")
-    if config.get("train_examples", -1) == 0 or config.get("train_examples", -1) < -1:
-        raise ValueError(f"config.train_examples must be -1 (all) or positive, got "
-                         f"{config.train_examples}")
     if config.num_epochs <= 0 and config.num_train_steps <= 0:
         raise ValueError("set config.num_epochs or config.num_train_steps to a positive value")
     if config.init_from and not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
