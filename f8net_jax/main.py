@@ -97,7 +97,7 @@ def main(argv):
                  jax.process_count(), jax.local_devices())
     try:
         train.train_and_evaluate(config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
         sys.exit(f"f8net_jax: {e}")
 
 

@@ -145,6 +145,56 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
+# What a workdir's run is: the fields that define the model, the data it sees and the
+# quantization. A rerun in the same workdir must keep them; every other field (the length
+# of training, logging, evaluation, checkpointing, the learning rate and the optimizer,
+# data_dir, init_from, and how products are computed: quant.conv_backend, exact_dtype) may
+# change, and a change is logged.
+RUN_IDENTITY = ("model", "width_multiplier", "quant", "dataset", "train_split", "eval_split",
+                "image_size", "channels", "num_classes", "train_examples",
+                "synthetic_train_size", "synthetic_eval_size", "augment", "batch_size", "seed",
+                "sync_batch_stats")
+FREE_QUANT_FIELDS = ("conv_backend", "exact_dtype")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_same_run(config, workdir: str) -> None:
+    """Compares ``config`` with the config.json of a workdir's first start: raises naming
+    every differing field that defines the run (RUN_IDENTITY), logs the others."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise NotADirectoryError(f"workdir {workdir!r} is a file, not a folder")
+    if not os.path.exists(path):
+        return
+    try:
+        saved = _flat(json.load(open(path)))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({e}): restore it or use another workdir")
+    now = _flat(json.loads(config.to_json_best_effort()))
+    differing = {k: (saved[k], now[k]) for k in sorted(saved.keys() & now.keys())
+                 if saved[k] != now[k]}
+    fixed = [k for k in differing if k.split(".")[0] in RUN_IDENTITY
+             and not (k.startswith("quant.") and k.split(".")[1] in FREE_QUANT_FIELDS)]
+    if fixed:
+        listing = "; ".join(f"{k}: {differing[k][0]!r} -> {differing[k][1]!r}" for k in fixed)
+        raise ValueError(
+            f"workdir {workdir!r} holds a run of another configuration ({listing}): these "
+            f"fields define the model, the data or the quantization, so a run keeps them "
+            f"(its config.json); use another workdir, or the same values")
+    for k, (before, after) in differing.items():
+        logging.info("config.%s changed from %r to %r since this workdir's first start",
+                     k, before, after)
+
+
 def quant_config(config) -> QuantConfig:
     """The model's QuantConfig; batch statistics span the pmap axis 'batch' when
     config.sync_batch_stats (the default)."""
@@ -361,6 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ``data.from_arrays``). Returns the last evaluation's metrics.
     """
     check_config(config)
+    check_same_run(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     if data is None:
         data = data_lib.create(config, local_devices=jax.local_device_count(),
@@ -383,7 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         start = 0
         if config.init_from:
             state = _restore_float_weights(state, config.init_from)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, "config.json")):
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=1))
 

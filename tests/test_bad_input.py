@@ -89,3 +89,35 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
     assert out.returncode != 0
     assert f"--workdir '{path}' is a file, not a folder" in last_line(out)
     assert path.read_text() == "mine"
+
+
+def test_a_rerun_must_keep_the_fields_that_define_the_run(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    config = smoke.get_config()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    saved = (workdir / "config.json").read_text()
+    changed = smoke.get_config()
+    changed.image_size, changed.model, changed.quant.mode = 20, "resnet56", "float"
+    with pytest.raises(ValueError) as error:
+        train.check_same_run(changed, str(workdir))
+    message = str(error.value)
+    for part in ("image_size: 16 -> 20", "model: 'resnet20' -> 'resnet56'",
+                 "quant.mode: 'fixed' -> 'float'"):
+        assert part in message
+    # Fields that only change how long or how it trains may change.
+    longer = smoke.get_config()
+    longer.num_train_steps, longer.learning_rate, longer.quant.conv_backend = 24, 0.01, "xla"
+    train.check_same_run(longer, str(workdir))
+    assert (workdir / "config.json").read_text() == saved
+
+
+def test_the_command_refuses_a_rerun_with_another_model(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(smoke.get_config().to_json_best_effort(indent=1))
+    out, seconds = run_main("--config=configs/smoke.py", f"--workdir={workdir}",
+                            "--config.model=resnet56", "--config.image_size=20")
+    assert out.returncode != 0 and "holds a run of another configuration" in last_line(out)
+    assert "image_size: 16 -> 20" in last_line(out) and "Traceback" not in out.stderr
+    assert not (workdir / "checkpoints").exists() and seconds < 60
