@@ -250,7 +250,7 @@ def test_save_and_load_round_trip_and_bad_files(tmp_path):
         path.write_text(json.dumps(bad))  # refers to prog.npz beside it
         return str(path)
 
-    with pytest.raises(ValueError, match="version 99.*reads version 1"):
+    with pytest.raises(ValueError, match=f"version 99.*reads version {integer.VERSION}"):
         integer.load(rewrite(version=99))
     with pytest.raises(ValueError, match="not an f8net_jax integer program"):
         integer.load(rewrite(format="something"))
@@ -373,3 +373,44 @@ def test_commands_fail_cleanly_on_bad_workdirs(smoke_workdir, tmp_path):
     result = _run("f8net_jax.integer.export", f"--workdir={empty}", f"--output={out}")
     assert result.returncode != 0 and "no checkpoint" in result.stderr
     assert not os.path.exists(out + ".json") and not os.path.exists(out + ".npz")
+
+
+def test_export_into_a_folder_writes_the_model_name_inside(smoke_workdir, tmp_path):
+    folder = tmp_path / "programs"
+    result = _run("f8net_jax.integer.export", f"--workdir={smoke_workdir}",
+                  f"--output={folder}{os.sep}")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(folder)) == ["resnet20.json", "resnet20.npz"]
+
+
+def test_edited_program_graphs_are_refused(tmp_path):
+    model, variables, program, x = make("resnet20", 16, QuantConfig(), channels=1)
+    json_path, _ = integer.save(program, str(tmp_path / "prog"))
+    header = json.load(open(json_path))
+
+    def load_edited(edit):
+        bad = json.loads(json.dumps(header))
+        edit(bad)
+        (tmp_path / "prog.json").write_text(json.dumps(bad))
+        return lambda: integer.load(str(tmp_path / "prog"))
+
+    def extra_relu(h):  # a ReLU on the logits, the output moved to it
+        h["ops"].append({"op": "relu", "in": [h["output"]], "out": "logits/relu"})
+        h["tensors"]["logits/relu"] = dict(h["tensors"][h["output"]])
+        h["output"] = "logits/relu"
+
+    def inner_output(h):
+        h["output"] = h["ops"][-3]["out"]
+
+    def more_classes(h):
+        h["num_classes"] = 12
+
+    def other_shift(h):  # well-formed, but not what was exported
+        op = next(op for op in h["ops"] if op["op"] == "requantize")
+        op["shift"] = [s + 1 for s in op["shift"]]
+
+    for edit, match in ((extra_relu, "must be the logits"), (inner_output, "must be the logits"),
+                        (more_classes, "have 10 channels but num_classes is 12"),
+                        (other_shift, "does not match its checksum")):
+        with pytest.raises(ValueError, match=match):
+            load_edited(edit)()

@@ -11,6 +11,7 @@ fails.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -23,13 +24,21 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m f8net_jax.integer.export",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="training workdir (fixed point)")
-    parser.add_argument("--output", required=True, help="FILE: writes FILE.json and FILE.npz")
+    parser.add_argument("--output", required=True, help="FILE: writes FILE.json and FILE.npz; "
+                        "a folder (or a path ending in /): writes <model>.json/.npz in it")
     parser.add_argument("--jax_export_batch", type=int, default=0,
                         help="also write FILE.jaxexport for batches of this many images")
     args = parser.parse_args(argv)
     if args.jax_export_batch < 0:
         cli.fail(f"--jax_export_batch must be >= 0 (0: none), got {args.jax_export_batch}")
-    artifact = os.path.splitext(file_paths(args.output)[0])[0] + ".jaxexport"
+    output = args.output
+    if output.endswith(os.sep) or os.path.isdir(output):  # a folder: <model>.json inside
+        try:
+            output = os.path.join(output, json.load(open(os.path.join(
+                args.workdir, "config.json")))["model"])
+        except (OSError, ValueError, KeyError) as e:
+            cli.fail(f"{args.workdir}: cannot read the model name from config.json ({e})")
+    artifact = os.path.splitext(file_paths(output)[0])[0] + ".jaxexport"
     tmp = artifact + ".partial"
     try:
         _, variables, config, image_shape = cli.load_fixed_point(args.workdir)
@@ -38,7 +47,7 @@ def main(argv=None) -> None:
             os.makedirs(os.path.dirname(os.path.abspath(artifact)), exist_ok=True)
             with open(tmp, "wb") as f:  # written aside first, renamed once the program is
                 f.write(serialize(program, args.jax_export_batch))
-        json_path, npz_path = save(program, args.output)
+        json_path, npz_path = save(program, output)
         written = [json_path, npz_path]
         if args.jax_export_batch:
             os.replace(tmp, artifact)

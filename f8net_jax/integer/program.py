@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 FORMAT = "f8net_jax.integer_program"
-VERSION = 1
+VERSION = 2  # 2: the op graph carries its own checksum (graph_sha256)
 KINDS = ("unsigned", "signed", "int32")
 OPS = ("image", "lookup", "conv", "dense", "requantize", "relu", "add", "max_pool", "avg_pool")
 ARRAY_DTYPES = {"weight": np.int8, "bias": np.int32, "table": np.int8}
@@ -112,6 +112,23 @@ class IntegerProgram:
                 fail(f"tensor {name!r} needs one fraclen per channel")
         if self.output not in known:
             fail(f"output {self.output!r} is not written by any op")
+        last = self.ops[-1] if self.ops else {}
+        if last.get("out") != self.output or last.get("op") != "dense":
+            fail(f"output {self.output!r} must be the logits: the tensor the last op, the "
+                 f"classifier's dense, writes (the last op writes {last.get('out')!r})")
+        if self.tensors[self.output].get("channels") != self.num_classes:
+            fail(f"the logits {self.output!r} have {self.tensors[self.output].get('channels')} "
+                 f"channels but num_classes is {self.num_classes}")
+
+
+GRAPH_FIELDS = ("model", "num_classes", "image_shape", "output", "info", "tensors", "ops")
+
+
+def graph_digest(header: dict) -> str:
+    """sha256 of the program's graph (every field but the arrays), canonically encoded."""
+    graph = {k: header[k] for k in GRAPH_FIELDS}
+    return hashlib.sha256(json.dumps(graph, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
 
 
 def file_paths(path: str) -> tuple[str, str]:
@@ -132,8 +149,9 @@ _UMASK = _read_umask()  # read once, at import: os.umask is process-wide
 def save(program: IntegerProgram, path: str) -> tuple[str, str]:
     """Writes PATH.json (graph, formats, checks) and PATH.npz (arrays); a '.json' or '.npz'
     suffix on ``path`` is dropped first. Each file appears whole (written aside, then
-    renamed), the .npz first; the .json records the .npz's checksum, so a pair from two
-    exports is refused on load. Returns their paths."""
+    renamed), the .npz first; the .json records the .npz's checksum and its own graph's,
+    so a pair from two exports, or an edited graph, is refused on load. Returns their
+    paths."""
     program.validate()
     json_path, npz_path = file_paths(path)
     directory = os.path.dirname(os.path.abspath(json_path))
@@ -149,6 +167,8 @@ def save(program: IntegerProgram, path: str) -> tuple[str, str]:
         "arrays_sha256": hashlib.sha256(data).hexdigest(),
         "info": program.info, "tensors": program.tensors, "ops": program.ops,
     }
+    header = json.loads(json.dumps(header))  # as load will read it (tuples are lists)
+    header["graph_sha256"] = graph_digest(header)
     text = json.dumps(header, indent=1)
     temps = []
     mode = 0o666 & ~_UMASK
@@ -207,4 +227,8 @@ def load(path: str) -> IntegerProgram:
         raise ValueError(f"{json_path} is not a valid program file ({type(e).__name__}: {e})") \
             from None
     program.validate(json_path)
+    if header.get("graph_sha256") != graph_digest(header):
+        raise ValueError(f"{json_path}: the op graph does not match its checksum "
+                         f"(graph_sha256): the file was edited or is corrupt; export the "
+                         f"model again")
     return program
