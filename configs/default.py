@@ -31,8 +31,8 @@ def get_config():
         share_classifier_alpha=False,     # classifier reads the last chain's alpha (8.7)
         share_alpha=True,                 # readers of one stream share its alpha (METHOD 5);
                                           # False: every layer its own (an ablation)
-        wide_fraclen=False,               # fraclens may pass the word length (up to 15
-                                          # signed, 16 unsigned): more codes for small values
+        wide_fraclen=False,               # weight fraclens may pass the word length (up to
+                                          # 15): more of the int8 codes for small weights
         normalized_input=False,           # feed mean/std-normalized images instead of pixels
         precision="float32",              # operands of the float products and the backward:
                                           # "float32", or "bfloat16" on GPU/TPU (f8net_jax.ops)

@@ -25,7 +25,7 @@ settings (``SETTINGS``; the names are the ``setting`` column of the results):
 * ``tiny_ft``: tiny fine-tuning from the ``fp`` run: no clipping, grid-searched formats,
   ``--tiny_steps`` steps at the constant ``--tiny_lr`` (METHOD.md 7; ResNet-18's recipe is
   100 steps at lr 0: only BatchNorm statistics and input formats are re-estimated);
-* ``f8_wide_fraclen``: ``f8`` with formats whose fraclen may pass the word length
+* ``f8_wide_fraclen``: ``f8`` with weight formats whose fraclen may pass the word length
   (quant.wide_fraclen, beyond the paper).
 
 Each run lives in WORKDIR/<setting>/seed<k>/ (a training workdir: resumes when killed)

@@ -31,8 +31,13 @@ Where we choose differently from the official code, or where it has no single an
   factor, which simulation and integer inference both keep (they add the stored values, as
   the official code does at the classifier, METHOD.md 8.7), so the integer program stays
   exact;
-* ``wide_fraclen`` (beyond the paper) lets formats take fraclens past the word length
-  where the statistic asks for them (still 8-bit codes, see fixed_point).
+* ``wide_fraclen`` (beyond the paper) lets weight formats take fraclens past the word
+  length where the statistic asks for them (still 8-bit codes, see fixed_point). Input
+  formats keep the word length: under PACT a layer's input arrives in its own stored
+  units (x = a / s, s proportional to 2^fl), so its codes do not depend on its fraclen,
+  and the std rule, which then sees a std that halves with each step up, drives the
+  running fraclen to whatever cap it has (8 here, 16 when widened: measured in the
+  ablations, where the climb from 6 to 16 during fine-tuning cost accuracy).
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ class QuantConfig:
     conv_backend: str = "auto"     # "auto", "xla" or "onednn" (f8net_jax.ops)
     exact_dtype: str = "auto"      # operands of the exact pass (auto: bf16 off the CPU)
     share_alpha: bool = True       # METHOD.md 5: the readers of one stream share its alpha
-    wide_fraclen: bool = False     # fraclens may pass the word length (fp.max_fraclen)
+    wide_fraclen: bool = False     # weight fraclens may pass the word length (fp.max_fraclen)
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)
@@ -186,7 +191,7 @@ class InputQuantizer(nn.Module):
     def eval_fraclen(self) -> jax.Array:
         """The input format of eval and of every scale: clip(round(buf))."""
         return folding.running_fraclen(self.fraclen.value, signed=self.signed,
-                                       bits=self.quant.bits, wide=self.quant.wide_fraclen)
+                                       bits=self.quant.bits)
 
     def input_scale(self, alpha) -> jax.Array:
         """The scale in which a producer must deliver this layer's input (from the running
@@ -200,7 +205,6 @@ class InputQuantizer(nn.Module):
         scale s_self for folding. Float mode: (the clipped real activation, None, 1)."""
         q = self.quant
         alpha = self.resolve(alpha)
-        wide = q.wide_fraclen
         if not q.fixed:
             if self.kind == "image":
                 return x, None, jnp.float32(1.0)
@@ -217,10 +221,10 @@ class InputQuantizer(nn.Module):
             return x_q + (x - jax.lax.stop_gradient(x)), fraclen, jnp.float32(1.0)
         old_fraclen = self.eval_fraclen()
         if not train:
-            return (fp.quantize(x, old_fraclen, signed=self.signed, bits=q.bits, wide=wide),
+            return (fp.quantize(x, old_fraclen, signed=self.signed, bits=q.bits),
                     old_fraclen, self._scale(alpha, old_fraclen))
         batch_fraclen = folding.choose_fraclen(x, q.format_rule, signed=self.signed, bits=q.bits,
-                                               axis_name=q.batch_axis_name, wide=wide)
+                                               axis_name=q.batch_axis_name)
         new_running = folding.update_running_fraclen(self.fraclen.value, batch_fraclen,
                                                      q.format_momentum)
         if not self.is_initializing():
@@ -233,9 +237,8 @@ class InputQuantizer(nn.Module):
             # format for the scale (effective clip alpha * 2^(round(buf) - fl_batch)).
             fraclen = batch_fraclen
             scale = self._scale(alpha, folding.running_fraclen(
-                new_running, signed=self.signed, bits=q.bits, wide=wide))
-        return (fp.quantize(x, fraclen, signed=self.signed, bits=q.bits, wide=wide), fraclen,
-                scale)
+                new_running, signed=self.signed, bits=q.bits))
+        return fp.quantize(x, fraclen, signed=self.signed, bits=q.bits), fraclen, scale
 
 
 def _sow_formats(module: nn.Module, in_fraclen, w_fraclen, alpha) -> None:
