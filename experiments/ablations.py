@@ -251,7 +251,7 @@ def append_row(path: str, result: dict) -> None:
 
 
 def run_one(setting: str, seed: int, config, run_dir: str, integer: bool,
-            chief: bool = True) -> dict:
+            chief: bool = True, commit: str = "") -> dict:
     from f8net_jax import train
 
     resumed = os.path.isdir(os.path.join(run_dir, "checkpoints"))
@@ -270,7 +270,7 @@ def run_one(setting: str, seed: int, config, run_dir: str, integer: bool,
                             result["integer_exact"])
     result["wall_s"] = time.time() - start
     result["machine"] = machine()
-    result["commit"] = source_commit()
+    result["commit"] = commit  # of the code this process loaded, at its start
     result["config"] = json.loads(config.to_json_best_effort())
     if not chief:
         return result
@@ -290,6 +290,7 @@ def main(argv):
     if FLAGS.distributed:
         jax.distributed.initialize()
     chief = jax.process_index() == 0
+    commit = source_commit()
     settings = FLAGS.settings or list(SETTINGS)
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
@@ -338,7 +339,7 @@ def main(argv):
                      f"{config.init_from}, which has not finished: include 'fp' in --settings")
         logging.info("%s seed %d: training in %s", setting, seed, run_dir)
         try:
-            result = run_one(setting, seed, config, run_dir, FLAGS.integer, chief)
+            result = run_one(setting, seed, config, run_dir, FLAGS.integer, chief, commit)
         except (ValueError, FileNotFoundError, FloatingPointError) as e:
             sys.exit(f"experiments.ablations: {setting} seed {seed}: {e}")
         if chief:
