@@ -55,7 +55,9 @@ def markdown(summary: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: list, path: str, title: str) -> None:
+def plot(summary: list, path: str, title: str, rows: list = ()) -> None:
+    """Bars of the mean with one-std error bars, each seed as a dot. The axis spans the
+    settings near the median; a setting far below it is cut at the axis and labelled."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -63,16 +65,32 @@ def plot(summary: list, path: str, title: str) -> None:
     names = [s[0] for s in summary]
     means = [s[2] for s in summary]
     stds = [0.0 if math.isnan(s[3]) else s[3] for s in summary]
+    seeds = {n: [float(r["top1"]) for r in rows if r["setting"] == n] for n in names}
+    middle = sorted(means)[len(means) // 2]
+    near = [m for m in means if m > middle - 5.0]
+    low = max(0.0, min(min(near) - 1.0, min(v for n in names for v in seeds[n] or [middle]
+                                            if v > middle - 5.0) - 0.5))
+    cut = [m < low or any(v < low for v in seeds[n]) for n, m in zip(names, means)]
+    high = min(100.0, max(m + s for m, s, c in zip(means, stds, cut) if not c) + 0.5)
     fig, ax = plt.subplots(figsize=(9, 3.8))
     colors = ["#888888" if n == "fp" else "#1f77b4" for n in names]
-    ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colors)
+    ax.bar(range(len(names)), [max(m, low) for m in means], color=colors)
+    kept = [i for i in range(len(names)) if not cut[i]]
+    ax.errorbar(kept, [means[i] for i in kept], yerr=[stds[i] for i in kept], fmt="none",
+                ecolor="black", capsize=4)
+    for i, n in enumerate(names):
+        shown = [v for v in seeds[n] if v >= low]
+        ax.plot([i] * len(shown), shown, "o", color="#d62728", markersize=3)
+        if cut[i]:
+            below = ", ".join(f"{v:.1f}%" for v in seeds[n] if v < low)
+            ax.annotate(f"mean {means[i]:.1f}%\n(a seed at\n{below})", (i, low),
+                        xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7,
+                        va="bottom", color="#d62728")
+    ax.set_ylim(low, high)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=35, ha="right")
-    low = min(m - s for m, s in zip(means, stds))
-    high = max(m + s for m, s in zip(means, stds))
-    ax.set_ylim(max(0.0, low - 2 * (high - low + 0.1)), min(100.0, high + 0.5 * (high - low + 0.1)))
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     if "fp" in names:
         ax.axhline(means[names.index("fp")], color="#888888", lw=0.8, ls="--")
     ax.grid(axis="y", alpha=0.3)
@@ -99,7 +117,7 @@ def main(argv=None) -> None:
     table = markdown(summary)
     with open(stem + ".md", "w") as f:
         f.write(table)
-    plot(summary, stem + ".png", args.title or os.path.basename(stem))
+    plot(summary, stem + ".png", args.title or os.path.basename(stem), rows)
     print(table, end="")
     print(f"wrote {stem}.md and {stem}.png")
 
