@@ -100,28 +100,21 @@ def test_launcher_records_resumes_and_never_reruns_a_finished_run(tmp_path):
     assert len(rows(results)) == 2 and "finished, skipped" in out.stderr
     assert os.path.getmtime(tmp_path / "fp" / "seed0" / "result.json") == stamp
 
-    # A launcher killed after a run finished but before its CSV row: the row comes back
-    # from result.json, without training.
-    with open(results, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=ablations.CSV_FIELDS)
-        writer.writeheader()
-        writer.writerow({k: table[0][k] for k in ablations.CSV_FIELDS})
-    out = launch(tmp_path, "--settings=fp,f8_no_sharing", f"--results={results}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert sorted(r["setting"] for r in rows(results)) == ["f8_no_sharing", "fp"]
-    assert "training in" not in out.stderr
-
-    # A run killed before it finished resumes from its checkpoint.
+    # In one launch: a launcher killed after fp finished but before its CSV row (the row
+    # comes back from result.json, without training), and an f8 run killed before it
+    # finished (it resumes from its checkpoint).
     os.remove(tmp_path / "f8_no_sharing" / "seed0" / "result.json")
     with open(results, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=ablations.CSV_FIELDS)
         writer.writeheader()
-        writer.writerow({k: table[0][k] for k in ablations.CSV_FIELDS})
     out = launch(tmp_path, "--settings=fp,f8_no_sharing", f"--results={results}")
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "fp seed 0: training in" not in out.stderr
+    assert os.path.getmtime(tmp_path / "fp" / "seed0" / "result.json") == stamp
     again = json.load(open(tmp_path / "f8_no_sharing" / "seed0" / "result.json"))
     assert again["resumed"] and again["top1"] == result["top1"]
     assert [r["setting"] for r in rows(results)] == ["fp", "f8_no_sharing"]
+    assert rows(results)[0]["top1"] == table[0]["top1"]
 
     # The report: a table and a plot from the CSV.
     report.main([f"--csv={results}"])

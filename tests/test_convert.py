@@ -177,8 +177,8 @@ PIXELS = np.random.default_rng(7).integers(0, 256, (2, 32, 32, 3), dtype=np.uint
 @pytest.mark.parametrize("source, model, keys, forward", [
     ("torchvision", "resnet18", "torchvision_resnet18",
      lambda s, p: torchvision_resnet(s, p, False)),
-    ("torchvision", "resnet50", "torchvision_resnet50",
-     lambda s, p: torchvision_resnet(s, p, True)),
+    pytest.param("torchvision", "resnet50", "torchvision_resnet50",
+                 lambda s, p: torchvision_resnet(s, p, True), marks=pytest.mark.slow),
     ("torchvision", "mobilenet_v2", "torchvision_mobilenet_v2", torchvision_mobilenet_v2),
     ("torchvision", "mobilenet_v1", "official_mobilenet_v1_float", official_float_mobilenet_v1),
 ])
@@ -338,8 +338,9 @@ def official_fixed_mobilenet_v2(s, pixels):
     return fixed_classifier(s, x.mean(axis=(1, 2)).astype(F32), alpha_of, signed)
 
 
-@pytest.mark.parametrize("model, forward", [("resnet18", official_fixed_resnet18),
-                                            ("mobilenet_v2", official_fixed_mobilenet_v2)])
+@pytest.mark.parametrize("model, forward", [
+    ("resnet18", official_fixed_resnet18),
+    pytest.param("mobilenet_v2", official_fixed_mobilenet_v2, marks=pytest.mark.slow)])
 def test_converted_official_fixed_point_model_equals_the_official_eval_forward(
         tmp_path, model, forward):
     state, model_, variables, config, out = converted(tmp_path, "official", model,
