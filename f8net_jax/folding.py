@@ -49,11 +49,9 @@ def update_running_fraclen(running: jax.Array, batch_fraclen: jax.Array,
     return (1.0 - momentum) * running + momentum * batch_fraclen
 
 
-def running_fraclen(running: jax.Array, *, signed: bool, bits: int = 8,
-                    wide: bool = False) -> jax.Array:
-    """The format used in eval (and in every scale): clip(round(buf), 0, bits - signed)
-    (the upper bound of wide formats with ``wide``)."""
-    return jnp.clip(jnp.round(running), 0, fp.max_fraclen(signed=signed, bits=bits, wide=wide))
+def running_fraclen(running: jax.Array, *, signed: bool, bits: int = 8) -> jax.Array:
+    """The format used in eval (and in every scale): clip(round(buf), 0, bits - signed)."""
+    return jnp.clip(jnp.round(running), 0, fp.max_fraclen(signed=signed, bits=bits))
 
 
 def activation_scale(alpha: jax.Array, fraclen: jax.Array, *, signed: bool,

@@ -88,12 +88,12 @@ def test_activation_scale_is_pact_step_times_two_to_the_fraclen():
     assert float(s) == pytest.approx(32 * 6.0 / 127)
 
 
-def test_running_fraclen_rounds_and_clips_to_the_format_and_its_wide_range():
+def test_running_fraclen_rounds_and_clips_to_the_format():
     running = jnp.asarray([-0.6, 3.5, 4.5, 7.6, 9.4, 20.0], jnp.float32)
     np.testing.assert_array_equal(folding.running_fraclen(running, signed=True),
                                   [0, 4, 4, 7, 7, 7])
-    np.testing.assert_array_equal(folding.running_fraclen(running, signed=False, wide=True),
-                                  [0, 4, 4, 8, 9, 16])
+    np.testing.assert_array_equal(folding.running_fraclen(running, signed=False),
+                                  [0, 4, 4, 8, 8, 8])
 
 
 def test_choose_fraclen_wide_lets_small_tensors_pass_the_word_length():
