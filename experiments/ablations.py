@@ -286,6 +286,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_logger().addFilter(
         lambda r: "/orbax/" not in r.pathname or r.levelno >= python_logging.WARNING)
+    from f8net_jax import runtime
+
+    runtime.configure_cpu_devices()
     import jax
     if FLAGS.distributed:
         jax.distributed.initialize()

@@ -44,7 +44,9 @@ def main(argv):
     del argv
     logging.get_absl_logger().addFilter(
         lambda r: "/orbax/" not in r.pathname or r.levelno >= python_logging.WARNING)
-    from f8net_jax import train
+    from f8net_jax import runtime, train
+
+    runtime.configure_cpu_devices()
     from f8net_jax.data import builders
 
     dataset = FLAGS.dataset

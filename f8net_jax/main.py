@@ -84,6 +84,9 @@ def main(argv):
     # Orbax reports every checkpoint step at INFO; keep the console to our own lines.
     logging.get_absl_logger().addFilter(
         lambda record: "/orbax/" not in record.pathname or record.levelno >= python_logging.WARNING)
+    from f8net_jax import runtime
+
+    runtime.configure_cpu_devices()
     import jax
 
     if FLAGS.coordinator_address:

@@ -49,6 +49,36 @@ def test_pmap_over_four_devices_matches_one_device(mode):
         assert report["steps"][0]["params"] < 1e-2, report
 
 
+def test_several_cpu_devices_compute_on_their_own_threads_and_wait_longer():
+    from f8net_jax import runtime
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
+                        "--xla_cpu_collective_call_terminate_timeout_seconds=99"}
+    added = runtime.configure_cpu_devices(env)
+    assert "--xla_cpu_multi_thread_eigen=false" in added
+    # What the user set is kept, and nothing is added twice.
+    assert env["XLA_FLAGS"].count("terminate_timeout_seconds") == 1
+    assert "terminate_timeout_seconds=99" in env["XLA_FLAGS"]
+    assert runtime.configure_cpu_devices(env) == []
+    single = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    assert runtime.configure_cpu_devices(single) == [] and "eigen" not in single["XLA_FLAGS"]
+    assert runtime.configure_cpu_devices({}) == []
+    # XLA aborts on a flag it does not know: these start a backend with four devices.
+    out = run_script(["-c", "from f8net_jax import runtime; runtime.configure_cpu_devices(); "
+                            "import jax; print(jax.device_count())"],
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert out.stdout.split()[-1] == "4"
+
+
+@pytest.mark.slow
+def test_a_device_a_minute_and_a_half_late_does_not_abort_the_process():
+    # XLA's own limit aborts after about a minute.
+    out = run_script(["tests/scripts/late_device.py", "90"],
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4 and report["seconds"] > 70, report
+
+
 def small_config(**overrides):
     config = default.get_config()
     config.dataset = "synthetic"

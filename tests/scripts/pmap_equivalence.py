@@ -9,12 +9,16 @@ import functools
 import json
 import sys
 
-import jax
-import numpy as np
-from flax import jax_utils
+from f8net_jax import runtime
 
-from configs import default
-from f8net_jax import train
+runtime.configure_cpu_devices()
+
+import jax  # noqa: E402  (XLA_FLAGS is read when the backend starts)
+import numpy as np  # noqa: E402
+from flax import jax_utils  # noqa: E402
+
+from configs import default  # noqa: E402
+from f8net_jax import train  # noqa: E402
 
 
 def run(config, devices, batches):

@@ -1,0 +1,43 @@
+"""Four virtual CPU devices meet at a psum after device 0 alone has computed for about
+SECONDS; prints, as JSON, how late device 0 was.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/scripts/late_device.py SECONDS
+"""
+
+import json
+import sys
+import time
+
+from f8net_jax import runtime
+
+runtime.configure_cpu_devices()
+
+import jax  # noqa: E402  (XLA_FLAGS is read when the backend starts)
+import jax.numpy as jnp  # noqa: E402
+
+
+def late_step(iterations):
+    def busy(x):
+        w = jnp.eye(256, dtype=jnp.float32) * 0.5
+        return jax.lax.fori_loop(0, iterations, lambda i, y: jnp.tanh(y @ w) + 1.0, x)
+
+    def step(x):
+        x = jax.lax.cond(jax.lax.axis_index("d") == 0, busy, lambda y: y, x)
+        return jax.lax.psum(x, "d")
+
+    x = jnp.ones((jax.local_device_count(), 256, 256), jnp.float32)
+    compiled = jax.pmap(step, axis_name="d").lower(x).compile()
+    start = time.perf_counter()
+    compiled(x).block_until_ready()
+    return time.perf_counter() - start
+
+
+def main(seconds):
+    probe = 2000
+    per_iteration = late_step(probe) / probe
+    took = late_step(int(seconds / per_iteration))
+    print(json.dumps({"devices": jax.local_device_count(), "seconds": took}))
+
+
+if __name__ == "__main__":
+    main(float(sys.argv[1]))
