@@ -36,10 +36,10 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $(STAMP)
 
 test: $(STAMP) onednn
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-slow: $(STAMP) onednn
-	$(PY) -m pytest -q -n 2 -m slow
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -108,19 +108,18 @@ def load_workdir(workdir: str, step: Optional[int] = None):
     """(model, variables, config, image_shape) of a training workdir's latest (or given)
     checkpoint."""
     import ml_collections
-    import orbax.checkpoint as ocp
-
-    from f8net_jax import train
+    from f8net_jax import checkpoints, train
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir} holds no config.json: not a training workdir")
     config = ml_collections.ConfigDict(json.load(open(path)))
-    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
-    step = mngr.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"{workdir} holds no checkpoint")
-    restored = mngr.restore(step, args=ocp.args.StandardRestore())
+        restored, step = checkpoints.restore_latest(workdir, move_aside=False)
+        if restored is None:
+            raise FileNotFoundError(f"{workdir} holds no checkpoint")
+    else:
+        restored = checkpoints.restore(workdir, step)
     num_classes = np.asarray(restored["params"]["classifier"]["bias"]).shape[0]
     model = train.create_model(config, num_classes)
     variables = {k: restored[k] for k in ("params", "batch_stats", "quant_stats")

@@ -321,9 +321,8 @@ def write_workdir(workdir: str, config, model, image_shape, values: dict) -> Non
     import flax
     import jax
     import jax.numpy as jnp
-    import orbax.checkpoint as ocp
 
-    from f8net_jax import train
+    from f8net_jax import checkpoints, train
 
     lr_fn = train.learning_rate_fn(config, steps_per_epoch=1, total_steps=1)
     state = train.create_train_state(jax.random.PRNGKey(0), config, model, image_shape, lr_fn)
@@ -336,12 +335,8 @@ def write_workdir(workdir: str, config, model, image_shape, values: dict) -> Non
                           quant_stats=trees["quant_stats"])
     state = state.replace(opt_state=state.tx.init(state.params))
     os.makedirs(workdir, exist_ok=True)
-    mngr = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True,
-                                             enable_async_checkpointing=False))
-    mngr.save(0, args=ocp.args.StandardSave(jax.device_get(state)))
-    mngr.wait_until_finished()
+    mngr = checkpoints.manager(workdir, config.max_checkpoints)
+    checkpoints.save(mngr, 0, jax.device_get(state))
     mngr.close()
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=1))

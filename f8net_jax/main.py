@@ -94,7 +94,7 @@ def main(argv):
                                    FLAGS.process_id)
     elif FLAGS.distributed:
         jax.distributed.initialize()
-    from f8net_jax import train
+    from f8net_jax import checkpoints, train
 
     logging.info("JAX process %d of %d, local devices %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())
@@ -102,6 +102,20 @@ def main(argv):
         train.train_and_evaluate(config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
         sys.exit(f"f8net_jax: {e}")
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        # A collective failed: another process has died. Say so and leave at once; the
+        # usual exit would wait for that process at JAX's shutdown barrier, then abort.
+        done = checkpoints.steps(FLAGS.workdir)
+        kept = (f"the last checkpoint (step {done[-1]})" if done else "the start (no "
+                "checkpoint was written)")
+        reason = " ".join(str(e).split())[:400]
+        print(f"f8net_jax: process {jax.process_index()} of {jax.process_count()} lost "
+              f"contact with another process ({reason}); rerun every process to resume "
+              f"from {kept}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

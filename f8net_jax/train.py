@@ -26,14 +26,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import metrics
 from flax import jax_utils
 from flax.training import train_state
 
 from f8net_jax import data as data_lib
-from f8net_jax import analysis, models, writers
+from f8net_jax import analysis, checkpoints, models, writers
 from f8net_jax.layers import QuantConfig
 
 MUTABLE = ("batch_stats", "quant_stats")
@@ -119,10 +118,35 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          f"{jax.device_count()} devices: use a multiple of {jax.device_count()}")
     if config.num_epochs <= 0 and config.num_train_steps <= 0:
         raise ValueError("set config.num_epochs or config.num_train_steps to a positive value")
-    if config.init_from and not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
-        raise FileNotFoundError(f"config.init_from {config.init_from!r} holds no checkpoints: "
-                                f"give the workdir of a finished float run")
     quant_config(config)  # validates the quant fields
+    if config.init_from:
+        check_init_from(config)
+
+
+def check_init_from(config) -> str:
+    """Checks config.init_from's config.json against this run (same model and width; a
+    fixed-point source only into a fixed-point run); returns the source's quant mode."""
+    init_from = config.init_from
+    if not os.path.isdir(os.path.join(init_from, "checkpoints")):
+        raise FileNotFoundError(f"config.init_from {init_from!r} holds no checkpoints: "
+                                f"give the workdir of a finished float run")
+    source_config = os.path.join(init_from, "config.json")
+    if not os.path.isfile(source_config):
+        raise FileNotFoundError(f"config.init_from {init_from!r} holds no config.json: give "
+                                f"the workdir of a training run (or of f8net_jax.convert)")
+    try:
+        theirs_config = json.load(open(source_config))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"config.init_from: {source_config} cannot be read ({e})")
+    for field in ("model", "width_multiplier"):
+        if field in theirs_config and theirs_config[field] != config[field]:
+            raise ValueError(f"config.init_from {init_from!r} is a run of {field} "
+                             f"{theirs_config[field]!r}, this run is {config[field]!r}")
+    their_mode = theirs_config.get("quant", {}).get("mode", "float")
+    if their_mode == "fixed" and not quant_config(config).fixed:
+        raise ValueError(f"config.init_from {init_from!r} is a fixed-point run: a "
+                         f"{config.quant.mode} run starts from a float run")
+    return their_mode
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -335,31 +359,35 @@ def eval_step(state: TrainState, batch, *, model):
 # Checkpoints.
 
 
-def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True,
-                                             enable_async_checkpointing=False))
-
-
-def _restore_float_weights(state: TrainState, init_from: str) -> TrainState:
-    """Params and batch_stats of another run's latest checkpoint; alphas it lacks (a plain
-    float run) keep their initial value."""
-    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(init_from, "checkpoints")))
-    step = mngr.latest_step()
-    if step is None:
+def _init_from(state: TrainState, config, init_from: str) -> TrainState:
+    """Params and batch_stats of another run's newest verified checkpoint. The source must
+    be the same model (its config.json); a fixed-point source is allowed into a fixed-point
+    run only, and logged. Every variable of ours must be there with its shape, except the
+    clipping levels a float run may lack (they keep their initial value), and the source
+    may hold no variable we do not use."""
+    their_mode = check_init_from(config)
+    if their_mode == "fixed":
+        logging.warning("config.init_from %s is a fixed-point run: starting fixed point "
+                        "from fixed-point weights", init_from)
+    source, step = checkpoints.restore_latest(init_from, move_aside=False)
+    if source is None:
         raise FileNotFoundError(f"config.init_from {init_from!r} holds no checkpoint")
-    source = mngr.restore(step, args=ocp.args.StandardRestore())
     merged = {}
     for col in ("params", "batch_stats"):
         ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(getattr(state, col)))
-        theirs = flax.traverse_util.flatten_dict(source[col])
-        missing = [k for k in ours if k not in theirs and k[-1] != "alpha"]
-        if missing:
-            raise ValueError(f"config.init_from {init_from!r} is not a checkpoint of this model: "
-                             f"it lacks {'/'.join(missing[0])}")
+        theirs = flax.traverse_util.flatten_dict(source.get(col, {}))
+        missing = [k for k in ours if k not in theirs
+                   and not (k[-1] == "alpha" and their_mode != "fixed")]
+        unused = [k for k in theirs if k not in ours]
+        for problem, keys in (("lacks", missing), ("has variables this model does not use:",
+                                                  unused)):
+            if keys:
+                shown = ", ".join(f"{col}/{'/'.join(k)}" for k in keys[:3])
+                more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+                raise ValueError(f"config.init_from {init_from!r} is not a checkpoint of this "
+                                 f"model: it {problem} {shown}{more}")
         for k, v in theirs.items():
-            if k in ours and np.shape(v) != np.shape(ours[k]):
+            if np.shape(v) != np.shape(ours[k]):
                 raise ValueError(f"config.init_from: {col}/{'/'.join(k)} has shape "
                                  f"{np.shape(v)}, expected {np.shape(ours[k])}")
         merged[col] = flax.traverse_util.unflatten_dict(
@@ -396,6 +424,17 @@ def _check_finite(pending, last_good: Optional[int], workdir: str) -> None:
                                      + _kept(last_good, workdir))
 
 
+def _non_finite(host_state) -> str:
+    """The first variable (params, batch_stats, quant_stats, opt_state) holding a NaN or
+    an infinity, or ''."""
+    for col in ("params", "batch_stats", "quant_stats", "opt_state"):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(host_state, col))[0]:
+            a = np.asarray(leaf)
+            if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+                return col + jax.tree_util.keystr(path)
+    return ""
+
+
 def _kept(last_good: Optional[int], workdir: str) -> str:
     if last_good is None:
         return "no checkpoint was written"
@@ -425,15 +464,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     state = create_train_state(jax.random.PRNGKey(config.seed), config, model, data.image_shape,
                                lr_fn)
-    mngr = _checkpoint_manager(workdir, config)
-    start = mngr.latest_step()
-    if start is not None:
-        state = mngr.restore(start, args=ocp.args.StandardRestore(state))
+    restored, start = checkpoints.restore_latest(workdir, state)
+    if restored is not None:
+        state = restored
         logging.info("Resumed from %s at step %d", workdir, start)
     else:
         start = 0
         if config.init_from:
-            state = _restore_float_weights(state, config.init_from)
+            state = _init_from(state, config, config.init_from)
+    mngr = checkpoints.manager(workdir, config.max_checkpoints)
     if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, "config.json")):
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=1))
@@ -505,13 +544,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             other_start = time.time()
             if checkpoint:
                 host_state = jax.device_get(unreplicate(state))
-                if not all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(
-                        (host_state.params, host_state.batch_stats))):
+                bad = _non_finite(host_state)
+                if bad:
                     raise FloatingPointError(
-                        f"non-finite parameters at step {step}: stopping; "
+                        f"non-finite values in {bad} at step {step}: stopping; "
                         + _kept(last_good, workdir))
-                mngr.save(step, args=ocp.args.StandardSave(host_state))
-                mngr.wait_until_finished()
+                checkpoints.save(mngr, step, host_state)
                 last_good = step
             if step == total_steps or (end_of_epoch and (step // steps_per_epoch)
                                        % config.eval_every_epochs == 0):

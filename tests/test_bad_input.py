@@ -1,16 +1,21 @@
 """Bad input fails at once with one line that names the culprit, before anything compiles
 and without leaving anything behind."""
 
+import json
 import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from configs import smoke
-from f8net_jax import train
+from f8net_jax import checkpoints, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -121,3 +126,330 @@ def test_the_command_refuses_a_rerun_with_another_model(tmp_path):
     assert out.returncode != 0 and "holds a run of another configuration" in last_line(out)
     assert "image_size: 16 -> 20" in last_line(out) and "Traceback" not in out.stderr
     assert not (workdir / "checkpoints").exists() and seconds < 60
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints: damaged on disk, then resumed.
+
+
+def tiny_config(**overrides):
+    config = smoke.get_config()
+    config.dataset = "synthetic"
+    config.channels, config.image_size, config.batch_size = 1, 8, 16
+    config.synthetic_train_size, config.synthetic_eval_size = 96, 16  # 6 steps per epoch
+    config.num_train_steps, config.checkpoint_every_steps, config.log_every_steps = 4, 2, 2
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workdir with checkpoints at steps 2 and 4 and its final state."""
+    workdir = str(tmp_path_factory.mktemp("trained") / "run")
+    train.train_and_evaluate(tiny_config(), workdir)
+    assert checkpoints.steps(workdir) == [2, 4]
+    return workdir
+
+
+def fresh_copy(trained, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained, workdir)
+    return workdir
+
+
+def state_files(workdir, step):
+    """The files of checkpoint ``step``'s state, largest first."""
+    root = pathlib.Path(checkpoints.directory(workdir)) / str(step) / checkpoints.STATE
+    return sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
+
+
+def flip_bytes(workdir, step):
+    path = state_files(workdir, step)[0]
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+
+
+def truncate(workdir, step):
+    path = state_files(workdir, step)[0]
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 3])
+
+
+def delete_metadata(workdir, step):
+    os.remove(pathlib.Path(checkpoints.directory(workdir)) / str(step) / checkpoints.STATE
+              / "_METADATA")
+
+
+def delete_state(workdir, step):
+    shutil.rmtree(pathlib.Path(checkpoints.directory(workdir)) / str(step) / checkpoints.STATE)
+
+
+def forge_digest(workdir, step):
+    """Values edited and the digest left alone: what a bit flip inside a value does."""
+    path = pathlib.Path(checkpoints.directory(workdir)) / str(step) / checkpoints.DIGEST
+    meta = next(p for p in path.rglob("*") if p.is_file() and p.name != "commit_success.txt")
+    text = meta.read_text()
+    digest = json.loads(text)["sha256"]
+    meta.write_text(text.replace(digest, "0" * len(digest)))
+
+
+DAMAGE = {"flip_bytes": (flip_bytes, "step 4 .* cannot be read|step 4 .* does not match"),
+          "truncate": (truncate, "step 4 .* cannot be read"),
+          "delete_metadata": (delete_metadata, "step 4 .* cannot be read"),
+          "delete_state": (delete_state, "step 4 .* cannot be read"),
+          "forge_digest": (forge_digest, "step 4 .* does not match its digest")}
+
+
+@pytest.mark.xdist_group("trained_workdir")
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_latest_checkpoint_is_reported_moved_aside_and_the_previous_used(
+        trained, tmp_path, damage, caplog):
+    workdir = fresh_copy(trained, tmp_path)
+    damage_fn, reason = DAMAGE[damage]
+    damage_fn(workdir, 4)
+    with caplog.at_level("WARNING"):
+        state, step = checkpoints.restore_latest(workdir)
+    assert step == 2 and state["step"] == 2
+    assert re.search(reason, caplog.text), caplog.text
+    assert "resuming from the checkpoint at step 2" in caplog.text
+    assert checkpoints.steps(workdir) == [2]
+    assert os.listdir(os.path.join(workdir, checkpoints.DAMAGED)) == ["4"]  # never deleted
+
+
+@pytest.mark.xdist_group("trained_workdir")
+def test_a_run_resumed_past_a_damaged_checkpoint_ends_as_an_undamaged_one(trained, tmp_path):
+    workdir = fresh_copy(trained, tmp_path)
+    flip_bytes(workdir, 4)
+    train.train_and_evaluate(tiny_config(), workdir)  # retrains steps 3 and 4
+    redone, _ = checkpoints.restore_latest(workdir)
+    straight, _ = checkpoints.restore_latest(trained, move_aside=False)
+    assert checkpoints.digest(redone) == checkpoints.digest(straight)
+
+
+@pytest.mark.xdist_group("trained_workdir")
+def test_when_no_checkpoint_verifies_the_run_stops_and_moves_nothing(trained, tmp_path):
+    workdir = fresh_copy(trained, tmp_path)
+    truncate(workdir, 4)
+    forge_digest(workdir, 2)
+    out, seconds = run_main("--config=configs/smoke.py", f"--workdir={workdir}",
+                            "--config.dataset=synthetic", "--config.channels=1",
+                            "--config.image_size=8", "--config.batch_size=16",
+                            "--config.synthetic_train_size=96", "--config.synthetic_eval_size=16",
+                            "--config.num_train_steps=4", "--config.checkpoint_every_steps=2",
+                            "--config.log_every_steps=2")
+    message = last_line(out)
+    assert out.returncode != 0 and "no checkpoint in" in message, out.stderr[-2000:]
+    assert "step 4" in message and "step 2" in message and "Nothing was moved" in message
+    assert checkpoints.steps(workdir) == [2, 4]
+    assert not os.path.exists(os.path.join(workdir, checkpoints.DAMAGED))
+
+
+@pytest.mark.xdist_group("trained_workdir")
+def test_the_nan_guard_covers_the_optimizer_state(trained):
+    state, _ = checkpoints.restore_latest(trained, move_aside=False)
+    config = tiny_config()
+    model = train.create_model(config, 10)
+    lr_fn = train.learning_rate_fn(config, 6, 4)
+    target = train.create_train_state(jax.random.PRNGKey(0), config, model, (8, 8, 1), lr_fn)
+    host = jax.device_get(checkpoints.restore(trained, 4, target))
+    assert train._non_finite(host) == ""
+    poisoned = jax.tree_util.tree_map(lambda a: np.full_like(a, np.nan)
+                                      if np.issubdtype(np.asarray(a).dtype, np.floating) else a,
+                                      host.opt_state)
+    assert train._non_finite(host.replace(opt_state=poisoned)).startswith("opt_state")
+
+
+# --------------------------------------------------------------------------------------
+# init_from: another run's weights.
+
+
+def write_source(tmp_path, trained, **config_changes):
+    source = tmp_path / "source"
+    shutil.copytree(trained, source)
+    config = json.load(open(source / "config.json"))
+    for key, value in config_changes.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    (source / "config.json").write_text(json.dumps(config))
+    return str(source)
+
+
+@pytest.mark.parametrize("changes, mode, match", [
+    ({"model": "resnet56"}, "fixed", "is a run of model 'resnet56', this run is 'resnet20'"),
+    ({"quant.mode": "fixed"}, "float", "is a fixed-point run: a float run starts from a float"),
+    ({"width_multiplier": 0.5}, "fixed", "is a run of width_multiplier 0.5"),
+])
+@pytest.mark.xdist_group("trained_workdir")
+def test_init_from_another_model_or_a_fixed_point_run_into_float_is_refused(
+        trained, tmp_path, changes, mode, match):
+    source = write_source(tmp_path, trained, **changes)
+    config = tiny_config(init_from=source)
+    config.quant.mode = mode
+    with pytest.raises(ValueError, match=match):
+        train.check_config(config)
+
+
+@pytest.mark.xdist_group("trained_workdir")
+def test_init_from_without_config_json_is_refused(trained, tmp_path):
+    source = write_source(tmp_path, trained)
+    os.remove(os.path.join(source, "config.json"))
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        train.check_config(tiny_config(init_from=source))
+
+
+@pytest.mark.xdist_group("trained_workdir")
+def test_init_from_fixed_point_into_fixed_point_is_allowed(trained):
+    assert train.check_init_from(tiny_config(init_from=trained)) == "fixed"
+
+
+@pytest.mark.parametrize("edit, match", [
+    ("extra", r"has variables this model does not use: params/extra/kernel"),
+    ("missing", r"lacks params/classifier/kernel"),
+    ("shape", r"params/classifier/bias has shape \(7,\), expected \(10,\)"),
+])
+@pytest.mark.xdist_group("trained_workdir")
+def test_init_from_checks_every_variable(trained, tmp_path, edit, match):
+    source = write_source(tmp_path, trained)
+    state, _ = checkpoints.restore_latest(source, move_aside=False)
+    params = dict(state["params"])
+    if edit == "extra":
+        params["extra"] = {"kernel": np.zeros((3, 3), np.float32)}
+    elif edit == "missing":
+        params["classifier"] = {k: v for k, v in params["classifier"].items() if k != "kernel"}
+    else:
+        params["classifier"] = dict(params["classifier"], bias=np.zeros(7, np.float32))
+    shutil.rmtree(checkpoints.directory(source))
+    mngr = checkpoints.manager(source)
+    checkpoints.save(mngr, 4, dict(state, params=params))
+    mngr.close()
+    config = tiny_config(init_from=source)
+    model = train.create_model(config, 10)
+    lr_fn = train.learning_rate_fn(config, 6, 4)
+    target = train.create_train_state(jax.random.PRNGKey(0), config, model, (8, 8, 1), lr_fn)
+    with pytest.raises(ValueError, match=match):
+        train._init_from(target, config, source)
+
+
+# --------------------------------------------------------------------------------------
+# Integer programs whose graph does not fit their arrays.
+
+
+@pytest.fixture(scope="module")
+def program():
+    import flax
+    import jax.numpy as jnp
+
+    from f8net_jax import integer, models
+    from f8net_jax.layers import QuantConfig
+
+    model = models.create("resnet20", num_classes=10, quant=QuantConfig())
+    x = np.zeros((1, 8, 8, 1), np.uint8)
+    variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x))(x)
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+    flat = {k: (jnp.full_like(v, 5.0) if k[-1] == "fraclen" else v) for k, v in flat.items()}
+    return integer.export(flax.traverse_util.unflatten_dict(flat), "resnet20",
+                          {"quant": QuantConfig()}, image_shape=(8, 8, 1))
+
+
+def first(prog, kind):
+    return next(i for i, op in enumerate(prog.ops) if op["op"] == kind)
+
+
+def edit_op(kind, change):
+    def edit(prog):
+        change(prog.ops[first(prog, kind)], prog)
+    return edit
+
+
+def edit_array(kind, field, make):
+    def edit(prog):
+        op = prog.ops[first(prog, kind)]
+        prog.arrays[op[field]] = make(prog.arrays[op[field]])
+    return edit
+
+
+def read_accumulator(prog):
+    """The second conv reads the stem's int32 accumulator instead of its requantized copy."""
+    convs = [op for op in prog.ops if op["op"] == "conv"]
+    convs[1]["in"] = [convs[0]["out"]]
+
+
+PROGRAM_EDITS = {
+    "conv_without_strides": (edit_op("conv", lambda op, p: op.pop("strides")),
+                             r"op \d+ \(conv stem\) lacks the field 'strides'"),
+    "conv_strides_text": (edit_op("conv", lambda op, p: op.update(strides="2")),
+                          r"'strides' must be int, got '2'"),
+    "conv_zero_strides": (edit_op("conv", lambda op, p: op.update(strides=0)),
+                          r"'strides' must be >= 1, got 0"),
+    "conv_weight_shape": (edit_array("conv", "weight", lambda w: w[:, :, :, :-1]),
+                          r"the shape of 'stem/weight' is \(3, 3, 1, 15\), expected "
+                          r"\(3, 3, 1, 16\)"),
+    "conv_bias_shape": (edit_array("conv", "bias", lambda b: b[:-2]),
+                        r"the shape of 'stem/bias' is \(14,\), expected \(16,\)"),
+    "conv_groups": (edit_op("conv", lambda op, p: op.update(groups=3)),
+                    r"'groups' 3 does not divide the 1 input channels"),
+    "dense_weight_shape": (edit_array("dense", "weight", lambda w: w[:-1]),
+                           r"the shape of 'classifier/weight' is \(63, 10\), expected \(64, 10\)"),
+    "requantize_shift": (edit_op("requantize", lambda op, p: op.update(shift=op["shift"][:-1])),
+                         r"the length of 'shift' is \(15,\), expected \(16,\)"),
+    "requantize_signed": (edit_op("requantize", lambda op, p: op.update(signed=1)),
+                          r"'signed' must be bool, got 1"),
+    "add_one_input": (edit_op("add", lambda op, p: op.update({"in": op["in"][:1]})),
+                      r"'in' must list 2 tensor\(s\)"),
+    "conv_reads_int32": (read_accumulator, r"tensor 'stem' is int32, expected unsigned or signed"),
+    "avg_pool_no_window": (edit_op("avg_pool", lambda op, p: op.pop("window")),
+                           r"op \d+ \(avg_pool avg_pool\) lacks the field 'window'"),
+    "tensor_channels": (lambda p: p.tensors["image"].update(channels=0),
+                        r"tensor 'image': 'channels' must be a positive integer, got 0"),
+}
+
+
+@pytest.mark.xdist_group("program")
+@pytest.mark.parametrize("name", list(PROGRAM_EDITS))
+def test_program_ops_are_validated_field_by_field_and_against_their_arrays(program, name):
+    import copy
+
+    edit, match = PROGRAM_EDITS[name]
+    bad = copy.deepcopy(program)
+    edit(bad)
+    with pytest.raises(ValueError, match=match):
+        bad.validate("prog.json")
+
+
+@pytest.mark.parametrize("images, match", [
+    (np.zeros((2, 16, 16, 1), np.uint8), r"shape \(batch, 8, 8, 1\)"),
+    (np.zeros((2, 8, 8, 3), np.uint8), r"shape \(batch, 8, 8, 1\)"),
+    (np.zeros((2, 8, 8, 1), np.float32), "uint8 pixels, got dtype float32"),
+])
+@pytest.mark.xdist_group("program")
+def test_images_of_the_wrong_shape_or_type_are_refused(program, images, match):
+    from f8net_jax import integer
+
+    with pytest.raises(ValueError, match=match):
+        integer.Executor(program, backend="im2col")(images)
+
+
+# --------------------------------------------------------------------------------------
+# Datasets.
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    ({"dataset": "mnist5k", "data_dir": "/nonexistent/tfds"}, FileNotFoundError,
+     "data_dir .* does not exist: set --config.data_dir"),
+    ({"dataset": "fashion_mnist_offline", "fashion_mnist_dir": "/nonexistent/fm"},
+     FileNotFoundError, "apt-get install dataset-fashion-mnist"),
+    ({"dataset": "no_such_dataset_abc"}, ValueError, "unknown dataset 'no_such_dataset_abc'"),
+    ({"dataset": "synthetic", "synthetic_train_size": 8}, ValueError,
+     "batch_size 16 exceeds the 8 training images"),
+])
+def test_datasets_that_cannot_be_read_are_named(changes, error, match):
+    from f8net_jax import data as data_lib
+
+    config = tiny_config(**changes)
+    with pytest.raises(error, match=match):
+        data_lib.create(config, local_devices=1)

@@ -125,8 +125,11 @@ def _every_architecture():
         yield name, size, width
 
 
-@pytest.mark.parametrize("name, size, width", list(_every_architecture()),
-                         ids=[a[0] for a in _every_architecture()])
+@pytest.mark.parametrize("name, size, width", [
+    # The deeper ResNets reuse the blocks of ResNet-20: they are audited in the slow suite.
+    pytest.param(*a, marks=pytest.mark.slow) if a[0] in ("resnet18", "resnet34", "resnet50",
+                                                         "resnet56") else a
+    for a in _every_architecture()], ids=[a[0] for a in _every_architecture()])
 def test_audit_finds_no_float_no_wide_multiply_no_division(name, size, width):
     quant = QuantConfig(granularity="channel" if name.endswith("0") else "layer")
     model = models.create(name, num_classes=10, quant=quant,

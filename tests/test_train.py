@@ -8,17 +8,17 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import flax
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, smoke
 from f8net_jax import data as data_lib
-from f8net_jax import train
+from f8net_jax import checkpoints, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def run_script(args, env=None, timeout=600):
     return out
 
 
-@pytest.mark.parametrize("mode", ["float", "fixed"])
+@pytest.mark.parametrize("mode", ["float", pytest.param("fixed", marks=pytest.mark.slow)])
 def test_pmap_over_four_devices_matches_one_device(mode):
     out = run_script(["tests/scripts/pmap_equivalence.py", mode],
                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
@@ -98,9 +98,8 @@ def small_config(**overrides):
 
 
 def latest_params(workdir):
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    restored = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())
-    return mngr.latest_step(), restored
+    restored, step = checkpoints.restore_latest(workdir, move_aside=False)
+    return step, restored
 
 
 def killed_at(data, steps):
@@ -164,17 +163,16 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
                           learning_rate=1e30)
     with pytest.raises(FloatingPointError) as error:
         train.train_and_evaluate(config, workdir)
-    match = re.fullmatch(r"(training loss is (nan|inf)|non-finite parameters) at step (\d+): "
+    match = re.fullmatch(r"(training loss is (nan|inf)|non-finite values in \S+) at step (\d+): "
                          r"stopping; the last good checkpoint \(step (\d+)\) is kept in (.*)",
                          str(error.value))
     assert match, str(error.value)
     failed, kept = int(match.group(3)), int(match.group(4))
     assert 4 <= kept < failed <= 8
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    assert mngr.latest_step() == kept
-    for step in mngr.all_steps():
-        restored = mngr.restore(step, args=ocp.args.StandardRestore())
-        assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(restored["params"]))
+    assert checkpoints.steps(workdir)[-1] == kept
+    for step in checkpoints.steps(workdir):
+        restored = checkpoints.restore(workdir, step)  # verifies its digest
+        assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(restored))
 
 
 def test_fixed_point_run_initialized_from_a_float_run(tmp_path):
@@ -187,7 +185,7 @@ def test_fixed_point_run_initialized_from_a_float_run(tmp_path):
     model = train.create_model(f8, 10)
     state = train.create_train_state(jax.random.PRNGKey(1), f8, model, (8, 8, 1),
                                      optax.constant_schedule(0.0))
-    state = train._restore_float_weights(state, float_dir)
+    state = train._init_from(state, f8, float_dir)
     ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(state.params))
     theirs = flax.traverse_util.flatten_dict(fp_state["params"])
     assert set(ours) == set(theirs)  # float with clipping: the same tree, alphas included
@@ -310,21 +308,43 @@ def test_fashion_mnist_offline_reads_the_idx_files():
 
 
 @pytest.mark.slow
-def test_two_processes_with_jax_distributed_complete_the_smoke_config(tmp_path):
-    port = 12000 + os.getpid() % 1000
-    procs = []
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for pid in range(2):
-        cmd = [sys.executable, "-m", "f8net_jax.main", "--config=configs/smoke.py",
-               f"--workdir={tmp_path / 'dist'}", f"--coordinator_address=127.0.0.1:{port}",
-               "--num_processes=2", f"--process_id={pid}"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+def test_two_processes_with_jax_distributed_survive_a_killed_process_and_resume(tmp_path):
+    """Both processes train the smoke config; once the checkpoint at step 6 is written, one
+    is killed: the other stops within seconds, saying so, and rerunning both resumes from
+    that checkpoint and completes."""
+    workdir = tmp_path / "dist"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+    def start(port):
+        return [subprocess.Popen(
+            [sys.executable, "-m", "f8net_jax.main", "--config=configs/smoke.py",
+             f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
+             "--num_processes=2", f"--process_id={pid}", "--config.num_train_steps=18"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for pid in range(2)]
+
+    procs = start(12000 + os.getpid() % 1000)
+    deadline = time.time() + 600
+    while not (workdir / "checkpoints" / "6").is_dir():
+        assert time.time() < deadline and procs[0].poll() is None, procs[0].stdout.read()[-3000:]
+        time.sleep(0.2)
+    procs[1].kill()
+    killed = time.time()
+    out = procs[0].communicate(timeout=300)[0]
+    procs[1].communicate()
+    assert procs[0].returncode != 0 and time.time() - killed < 120, out[-3000:]
+    message = [line for line in out.splitlines() if line.startswith("f8net_jax:")]
+    assert message and "lost contact with another process" in message[-1], out[-3000:]
+    assert "rerun every process to resume from the last checkpoint (step" in message[-1]
+
+    procs = start(13000 + os.getpid() % 1000)
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
+    assert re.search(r"Resumed from .* at step (6|12)", outputs[0]), outputs[0][-3000:]
     assert "eval_accuracy" in outputs[0]
-    assert os.path.isdir(tmp_path / "dist" / "checkpoints" / "12")
+    assert (workdir / "checkpoints" / "18").is_dir()
+    assert not (workdir / checkpoints.DAMAGED).exists()
 
 
 @pytest.mark.parametrize("dataset", ["fashion_mnist_offline", "mnist5k"])

@@ -41,6 +41,19 @@ VERSION = 2  # 2: the op graph carries its own checksum (graph_sha256)
 KINDS = ("unsigned", "signed", "int32")
 OPS = ("image", "lookup", "conv", "dense", "requantize", "relu", "add", "max_pool", "avg_pool")
 ARRAY_DTYPES = {"weight": np.int8, "bias": np.int32, "table": np.int8}
+# Per op: how many tensors it reads, and the fields it needs with their types.
+OP_FIELDS = {
+    "image": (0, {}),
+    "lookup": (0, {"table": str}),
+    "conv": (1, {"name": str, "weight": str, "bias": str, "strides": int, "padding": int,
+                 "groups": int, "saturate": bool}),
+    "dense": (1, {"name": str, "weight": str, "bias": str, "saturate": bool}),
+    "requantize": (1, {"signed": bool, "shift": list}),
+    "relu": (1, {}),
+    "add": (2, {"name": str, "shift": list, "relu": bool, "saturate": bool}),
+    "max_pool": (1, {"window": int, "strides": int, "padding": int}),
+    "avg_pool": (1, {"shift": int, "window": int, "saturate": bool}),
+}
 
 
 @dataclasses.dataclass
@@ -84,32 +97,21 @@ class IntegerProgram:
         if len(self.image_shape) != 3 or not all(isinstance(d, int) and d > 0
                                                  for d in self.image_shape):
             fail(f"image_shape must be (height, width, channels), got {self.image_shape}")
+        for name, tensor in self.tensors.items():
+            if not isinstance(tensor, dict) or tensor.get("kind") not in KINDS:
+                kind = tensor.get("kind") if isinstance(tensor, dict) else tensor
+                fail(f"tensor {name!r} has kind {kind!r}; allowed {list(KINDS)}")
+            channels = tensor.get("channels")
+            if not _is(channels, int) or channels < 1:
+                fail(f"tensor {name!r}: 'channels' must be a positive integer, got {channels!r}")
+            if not _is(tensor.get("fraclen"), list) or len(tensor["fraclen"]) != channels:
+                fail(f"tensor {name!r} needs one fraclen per channel")
         known = set()
         for i, op in enumerate(self.ops):
-            kind = op.get("op")
-            if kind not in OPS:
-                fail(f"op {i} has unknown type {kind!r}; allowed {list(OPS)}")
-            inputs = op.get("in", [])
-            for name in (inputs if isinstance(inputs, list) else [inputs]):
-                if name not in known and kind not in ("image", "lookup"):
-                    fail(f"op {i} ({kind}) reads tensor {name!r} before it is written")
-            out = op.get("out")
-            if out not in self.tensors:
-                fail(f"op {i} ({kind}) writes tensor {out!r}, which has no entry in 'tensors'")
-            known.add(out)
-            for field, dtype in ARRAY_DTYPES.items():
-                if field in op:
-                    array = self.arrays.get(op[field])
-                    if array is None:
-                        fail(f"op {i} ({kind}) needs array {op[field]!r}, which is missing")
-                    if array.dtype != dtype:
-                        fail(f"array {op[field]!r} must be {np.dtype(dtype).name}, "
-                             f"got {array.dtype}")
-        for name, tensor in self.tensors.items():
-            if tensor.get("kind") not in KINDS:
-                fail(f"tensor {name!r} has kind {tensor.get('kind')!r}; allowed {list(KINDS)}")
-            if len(tensor.get("fraclen", ())) != tensor.get("channels"):
-                fail(f"tensor {name!r} needs one fraclen per channel")
+            if not isinstance(op, dict):
+                fail(f"op {i} must be an object, got {op!r}")
+            self._validate_op(i, op, known, fail)
+            known.add(op["out"])
         if self.output not in known:
             fail(f"output {self.output!r} is not written by any op")
         last = self.ops[-1] if self.ops else {}
@@ -119,6 +121,109 @@ class IntegerProgram:
         if self.tensors[self.output].get("channels") != self.num_classes:
             fail(f"the logits {self.output!r} have {self.tensors[self.output].get('channels')} "
                  f"channels but num_classes is {self.num_classes}")
+
+    def _validate_op(self, i: int, op: dict, known: set, fail) -> None:
+        """One op's fields, and the shapes of its arrays against the tensors it reads."""
+        kind = op.get("op")
+        if kind not in OPS:
+            fail(f"op {i} has unknown type {kind!r}; allowed {list(OPS)}")
+        label = f"op {i} ({kind}{' ' + op['name'] if isinstance(op.get('name'), str) else ''})"
+        arity, fields = OP_FIELDS[kind]
+        inputs = op.get("in")
+        if not isinstance(inputs, list) or len(inputs) != arity:
+            fail(f"{label}: 'in' must list {arity} tensor(s), got {inputs!r}")
+        for name in inputs:
+            if name not in known:
+                fail(f"{label} reads tensor {name!r} before it is written")
+        for field, kind_of in fields.items():
+            value = op.get(field)
+            if field not in op:
+                fail(f"{label} lacks the field {field!r}")
+            if not _is(value, kind_of):
+                fail(f"{label}: {field!r} must be {kind_of.__name__}, got {value!r}")
+        out = op.get("out")
+        if not isinstance(out, str) or out not in self.tensors:
+            fail(f"{label} writes tensor {out!r}, which has no entry in 'tensors'")
+        for field, dtype in ARRAY_DTYPES.items():
+            if field in op:
+                array = self.arrays.get(op[field])
+                if array is None:
+                    fail(f"{label} needs array {op[field]!r}, which is missing")
+                if array.dtype != dtype:
+                    fail(f"array {op[field]!r} must be {np.dtype(dtype).name}, got {array.dtype}")
+        for field in ("strides", "window"):
+            if field in fields and op[field] < 1:
+                fail(f"{label}: {field!r} must be >= 1, got {op[field]}")
+        if "padding" in fields and op["padding"] < 0:
+            fail(f"{label}: 'padding' must be >= 0, got {op['padding']}")
+        src = self.tensors[inputs[0]] if inputs else None
+        dst = self.tensors[out]
+
+        def expect(what, got, wanted):
+            if tuple(got) != tuple(wanted):
+                fail(f"{label}: {what} is {tuple(got)}, expected {tuple(wanted)}")
+
+        def expect_kind(tensor_name, tensor, kinds):
+            if tensor["kind"] not in kinds:
+                fail(f"{label}: tensor {tensor_name!r} is {tensor['kind']}, expected "
+                     f"{' or '.join(kinds)}")
+
+        channels_in = self.image_shape[2]
+        if kind == "image":
+            expect_kind(out, dst, ("unsigned",))
+            expect(f"the channels of {out!r}", (dst["channels"],), (channels_in,))
+        elif kind == "lookup":
+            expect_kind(out, dst, ("signed",))
+            expect(f"the shape of {op['table']!r}", self.arrays[op["table"]].shape,
+                   (channels_in, 256))
+            expect(f"the channels of {out!r}", (dst["channels"],), (channels_in,))
+        elif kind in ("conv", "dense"):
+            expect_kind(inputs[0], src, ("unsigned", "signed"))
+            expect_kind(out, dst, ("int32",))
+            weight, bias = self.arrays[op["weight"]], self.arrays[op["bias"]]
+            cout = dst["channels"]
+            if kind == "conv":
+                groups = op["groups"]
+                if groups < 1 or src["channels"] % groups:
+                    fail(f"{label}: 'groups' {groups} does not divide the "
+                         f"{src['channels']} input channels")
+                if weight.ndim != 4 or weight.shape[0] != weight.shape[1]:
+                    fail(f"{label}: weight {op['weight']!r} must be square HWIO, got shape "
+                         f"{weight.shape}")
+                expect(f"the shape of {op['weight']!r}", weight.shape,
+                       (weight.shape[0], weight.shape[0], src["channels"] // groups, cout))
+            else:
+                expect(f"the shape of {op['weight']!r}", weight.shape, (src["channels"], cout))
+            expect(f"the shape of {op['bias']!r}", bias.shape, (cout,))
+        elif kind == "requantize":
+            expect_kind(inputs[0], src, ("int32",))
+            expect_kind(out, dst, ("signed",) if op["signed"] else ("unsigned",))
+            expect(f"the length of 'shift'", (len(op["shift"]),), (src["channels"],))
+            expect(f"the channels of {out!r}", (dst["channels"],), (src["channels"],))
+        elif kind == "add":
+            a, b = (self.tensors[n] for n in inputs)
+            for name, tensor in zip(inputs, (a, b)):
+                expect_kind(name, tensor, ("int32",))
+            shift = op["shift"]
+            if len(shift) != 2 or not all(_is(s, list) for s in shift):
+                fail(f"{label}: 'shift' must hold one list per input")
+            expect("the channels of its inputs", (a["channels"], b["channels"]),
+                   (dst["channels"],) * 2)
+            expect("the lengths of 'shift'", tuple(map(len, shift)), (dst["channels"],) * 2)
+        else:  # relu, max_pool, avg_pool
+            expect_kind(inputs[0], src, ("int32",))
+            expect(f"the channels of {out!r}", (dst["channels"],), (src["channels"],))
+
+
+def _is(value, kind) -> bool:
+    """isinstance for JSON types, taking numpy scalars and arrays as JSON would."""
+    if kind is bool:
+        return isinstance(value, (bool, np.bool_))
+    if kind is int:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if kind is list:
+        return isinstance(value, (list, tuple, np.ndarray))
+    return isinstance(value, kind)
 
 
 GRAPH_FIELDS = ("model", "num_classes", "image_shape", "output", "info", "tensors", "ops")
