@@ -50,7 +50,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from f8net_jax import ops
+from f8net_jax import ops, recording
 from f8net_jax import fixed_point as fp
 from f8net_jax import folding
 
@@ -200,6 +200,10 @@ class InputQuantizer(nn.Module):
             return jnp.float32(1.0)
         return self._scale(self.resolve(alpha), self.eval_fraclen())
 
+    def _record(self, x, x_q) -> None:
+        layer = "/".join(str(p) for p in self.scope.path[:-1])  # the layer it belongs to
+        recording.emit("input", [x], x_q, reader=layer, layer=layer, signed=self.signed)
+
     def __call__(self, x, *, alpha, train: bool):
         """Returns (x_q, fraclen, s): the quantized input in stored units, its format and the
         scale s_self for folding. Float mode: (the clipped real activation, None, 1)."""
@@ -218,11 +222,14 @@ class InputQuantizer(nn.Module):
             # image unquantized.
             fraclen = jnp.float32(fp.max_fraclen(signed=False, bits=q.bits))
             x_q = jax.lax.stop_gradient(fp.quantize(x, fraclen, signed=False, bits=q.bits))
-            return x_q + (x - jax.lax.stop_gradient(x)), fraclen, jnp.float32(1.0)
+            x_q = x_q + (x - jax.lax.stop_gradient(x))
+            self._record(x, x_q)
+            return x_q, fraclen, jnp.float32(1.0)
         old_fraclen = self.eval_fraclen()
         if not train:
-            return (fp.quantize(x, old_fraclen, signed=self.signed, bits=q.bits),
-                    old_fraclen, self._scale(alpha, old_fraclen))
+            x_q = fp.quantize(x, old_fraclen, signed=self.signed, bits=q.bits)
+            self._record(x, x_q)
+            return x_q, old_fraclen, self._scale(alpha, old_fraclen)
         batch_fraclen = folding.choose_fraclen(x, q.format_rule, signed=self.signed, bits=q.bits,
                                                axis_name=q.batch_axis_name)
         new_running = folding.update_running_fraclen(self.fraclen.value, batch_fraclen,
@@ -354,7 +361,11 @@ class QuantConvBN(Reader, nn.Module):
         _sow_formats(self, in_fraclen, w_fraclen, alpha)
         self.sow("folded", "weight", w_f)
         # Exact: products of two 8-bit grids, sums below 2^24 in integer units.
-        return self._conv(x_q, w_q, exact=True) + b_f
+        y = self._conv(x_q, w_q, exact=True) + b_f
+        path = recording.module_path(self)
+        recording.emit("conv", [x_q], y, reader=path, layer=path, strides=self.strides,
+                       depthwise=self.depthwise)
+        return y
 
 
 class QuantDense(Reader, nn.Module):
@@ -412,19 +423,41 @@ class QuantDense(Reader, nn.Module):
         bias = folding.round_bias(self.bias / scale, in_fraclen + w_fraclen)
         self.sow("formats", "logit_scale", scale)  # eval logits * this = train units
         self.sow("folded", "bias", bias)
-        return product + bias
+        y = product + bias
+        path = recording.module_path(self)
+        recording.emit("dense", [x_q], y, reader=path, layer=path)
+        return y
 
 
 # --------------------------------------------------------------------------------------
 # Pooling and the scale plan.
 
 
+def relu(x):
+    """ReLU of a stream between layers (an op of the integer program)."""
+    y = nn.relu(x)
+    recording.emit("relu", [x], y)
+    return y
+
+
+def residual_add(a, b, *, relu: bool = False, name: Optional[str] = None):
+    """a + b (then ReLU with ``relu``): the sum of two streams in the same units. In the
+    integer program the operand in the coarser format is shifted left to the finer one
+    first, so the sum is exact. ``name`` (the module whose output it is) names the op."""
+    y = a + b
+    if relu:
+        y = nn.relu(y)
+    recording.emit("add", [a, b], y, name=name, relu=relu)
+    return y
+
+
 def max_pool(x, window: int = 3, strides: int = 2, padding: int = 1,
              precision: ops.Precision = ops.Precision()):
     """Max pooling with symmetric padding (padded values never win); its gradient goes to
     the first maximum of each window (f8net_jax.ops.max_pool)."""
-    return ops.max_pool(x, window=window, strides=strides, padding=padding,
-                        precision=precision)
+    y = ops.max_pool(x, window=window, strides=strides, padding=padding, precision=precision)
+    recording.emit("max_pool", [x], y, window=window, strides=strides, padding=padding)
+    return y
 
 
 def global_average_pool(x, quant: QuantConfig):
@@ -441,6 +474,7 @@ def global_average_pool(x, quant: QuantConfig):
     window = x.shape[1] * x.shape[2]
     shift = folding.pool_shift(window)
     pooled = jnp.sum(x, axis=(1, 2)) * fp.pow2(-shift, x.dtype)
+    recording.emit("avg_pool", [x], pooled, window=window)
     return pooled, (2.0 ** shift) / window
 
 

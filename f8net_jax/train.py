@@ -229,11 +229,8 @@ def quant_config(config) -> QuantConfig:
 
 
 def create_model(config, num_classes: int):
-    kwargs = {}
-    if config.model.startswith("mobilenet"):
-        kwargs["width_multiplier"] = config.width_multiplier
     return models.create(config.model, num_classes=num_classes, quant=quant_config(config),
-                         **kwargs)
+                         width_multiplier=config.width_multiplier)
 
 
 # --------------------------------------------------------------------------------------

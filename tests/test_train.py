@@ -397,3 +397,21 @@ def test_imagenet_configs_follow_the_official_recipes():
         assert (config.batch_size, config.num_train_steps, config.learning_rate) == (128, steps, lr)
         assert (config.quant.clipping, config.quant.format_rule, config.lr_schedule) == (
             False, "grid", "constant")
+
+
+def test_checkpoints_written_before_digests_still_load(tmp_path):
+    import orbax.checkpoint as ocp
+
+    config = small_config()
+    model = train.create_model(config, 10)
+    lr_fn = train.learning_rate_fn(config, 6, 12)
+    state = train.create_train_state(jax.random.PRNGKey(0), config, model, (8, 8, 1), lr_fn)
+    host = jax.device_get(state)
+    workdir = str(tmp_path / "old")
+    mngr = ocp.CheckpointManager(checkpoints.directory(workdir),
+                                 options=ocp.CheckpointManagerOptions(create=True))
+    mngr.save(3, args=ocp.args.StandardSave(host))  # the layout of earlier versions
+    mngr.wait_until_finished()
+    mngr.close()
+    restored, step = checkpoints.restore_latest(workdir, state)
+    assert step == 3 and checkpoints.digest(restored) == checkpoints.digest(host)

@@ -2,7 +2,8 @@
 8-bit multiplications, shifts and int32 additions only, and check it against the
 simulation (docs/METHOD.md 6 and 8).
 
-    program = integer.export(variables, "resnet20", config)
+    program = integer.export(variables, model)    # any fixed-point model of our layers
+    program = integer.export(variables, config.model, config)  # or a model by name
     integer.save(program, "model")            # model.json + model.npz
     logits = integer.Executor(integer.load("model"))(images)   # int32, at logits_fraclen
 """

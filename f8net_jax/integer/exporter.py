@@ -3,10 +3,11 @@
 The eval forward of the simulation reports, per layer, its formats, the folded weight W_f
 and the bias already rounded to the accumulator's grid ('formats' and 'folded'
 collections). The integer program stores q_w = round(W_f * 2^fl_w) as int8 and the bias
-times 2^(fl_in + fl_w) as int32, and wires the layers as the model does: requantize each
-layer's input from its producer's format to its own, align the operands of a residual add
-by left shifts, sum for the average pool (the shift is a change of format, so pooling never
-rounds: it computes exactly what the simulation computes).
+times 2^(fl_in + fl_w) as int32, and wires the layers as the model's own eval forward does,
+replaying its record (f8net_jax.recording): requantize each layer's input from its
+producer's format to its own, align the operands of a residual add by left shifts, sum for
+the average pool (the shift is a change of format, so pooling never rounds: it computes
+exactly what the simulation computes). Nothing here knows an architecture.
 
 Static check. Every tensor carries per-channel bounds [lo, hi] of its integers, derived
 from the operand ranges (8-bit inputs in their full range, the actual int8 weights and
@@ -25,7 +26,7 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from f8net_jax import analysis, folding, layers, models
+from f8net_jax import analysis, folding, layers, models, recording
 from f8net_jax import fixed_point as fp
 from f8net_jax.integer.program import IntegerProgram
 from f8net_jax.models import common
@@ -108,12 +109,11 @@ class _Builder:
     def lookup(self, channels: int, stem: str) -> str:
         """A normalized image, straight in the stem's signed input format: per channel and
         pixel value p, round(norm_c(p) * 2^fl) saturated, computed with the simulation's
-        own float ops (common.prepare_image, fp.quantize)."""
+        own float ops (common.normalize_pixels, fp.quantize)."""
         fl = int(self.layer(stem)["input_fraclen"])
         pixels = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, None, :, None],
                                  (1, 1, 256, channels))
-        value = common.prepare_image(jnp.asarray(pixels), total_stride=1, model="table",
-                                     normalize=True)
+        value = common.normalize_pixels(jnp.asarray(pixels))
         q = fp.quantize(value, jnp.float32(fl), signed=True, wide=True) * fp.pow2(fl)
         table = np.asarray(q, np.float32)[0, 0].T.astype(np.int8)  # [channels, 256]
         key = f"{stem}/table"
@@ -215,155 +215,157 @@ class _Builder:
             lo, hi = np.maximum(lo, 0), np.maximum(hi, 0)
         return self._tensor(name, "int32", fl, lo, hi)
 
-    def max_pool(self, src: str, window: int = 3, strides: int = 2, padding: int = 1) -> str:
-        self.ops.append({"op": "max_pool", "in": [src], "out": "max_pool", "window": window,
+    def max_pool(self, src: str, window: int = 3, strides: int = 2, padding: int = 1,
+                 name: str = "max_pool") -> str:
+        self.ops.append({"op": "max_pool", "in": [src], "out": name, "window": window,
                          "strides": strides, "padding": padding})
-        return self._tensor("max_pool", "int32", self.fraclen(src), *self.bounds[src])
+        return self._tensor(name, "int32", self.fraclen(src), *self.bounds[src])
 
-    def avg_pool(self, src: str, window: int) -> str:
+    def avg_pool(self, src: str, window: int, name: str = "avg_pool") -> str:
         shift = folding.pool_shift(window)
         lo, hi = self.bounds[src]
         lo, hi = lo * window, hi * window
         bound = _magnitude(lo, hi)
-        self.ops.append({"op": "avg_pool", "name": "avg_pool", "in": [src], "out": "avg_pool",
+        self.ops.append({"op": "avg_pool", "name": name, "in": [src], "out": name,
                          "shift": shift, "window": window, "saturate": bound > INT32_MAX,
-                         "check": _check("avg_pool", "avg_pool", bound)})
-        return self._tensor("avg_pool", "int32", self.fraclen(src) + shift, _int32(lo),
+                         "check": _check(name, "avg_pool", bound)})
+        return self._tensor(name, "int32", self.fraclen(src) + shift, _int32(lo),
                             _int32(hi))
 
 
 # --------------------------------------------------------------------------------------
-# The architectures, wired as in f8net_jax/models.
+# The program, replayed from the record of the model's own eval forward.
 
 
-def _resnet(b: _Builder, name: str, image: str, image_shape, params) -> str:
-    stages, bottleneck, cifar = models._RESNETS[name]
-    x = b.conv("stem", b.input(image, "stem", b.tensors[image]["kind"] == "signed"),
-               strides=1 if cifar else 2)
-    x = b.relu(x)
-    if not cifar:
-        x = b.max_pool(x)
-    for i, size in enumerate(stages):
-        for j in range(size):
-            block = f"stage{i + 1}_block{j + 1}"
-            strides = 2 if i > 0 and j == 0 else 1
-            body = sorted((k for k in params[block] if k.startswith("body_")),
-                          key=lambda k: int(k.split("_")[1]))
-            y = x
-            for k, layer in enumerate(body):
-                path = f"{block}/{layer}"
-                s = strides if (k == 1 if bottleneck else k == 0) else 1
-                y = b.conv(path, b.input(y, path, signed=False), strides=s)
-            if "shortcut" in params[block]:
-                path = f"{block}/shortcut"
-                skip = b.conv(path, b.input(x, path, signed=False), strides=strides)
-            else:
-                skip = x
-            x = b.add(block, y, skip, relu=True)
-    total_stride = 2 ** (len(stages) - 1) * (1 if cifar else 4)
-    x = b.avg_pool(x, (image_shape[0] // total_stride) * (image_shape[1] // total_stride))
-    return b.dense("classifier", b.input(x, "classifier", signed=False))
+def _replay(b: _Builder, events: list, output: str) -> str:
+    """Builds the program from ``recording`` events; returns the logits' tensor name.
+
+    A ReLU read only by unsigned requantizations is left out: their saturation at 0 is
+    that ReLU (the value is the same), so it becomes an op only where an int32 consumer (a
+    residual add, a pool, a signed reader) needs it.
+    """
+    names: dict = {}        # record key -> program tensor
+    images: dict = {}       # record key -> (normalized, channels), built by its first reader
+    relus: dict = {}        # record key -> the key it rectifies, until an op needs it
+    counts: dict = {}
+
+    def unique(base):
+        counts[base] = counts.get(base, 0) + 1
+        return base if counts[base] == 1 else f"{base}_{counts[base]}"
+
+    def tensor(key):
+        if key in relus:
+            names[key] = b.relu(tensor(relus.pop(key)))
+        return names[key]
+
+    for e in events:
+        a = e.attrs
+        if e.kind == "image":
+            images[e.output] = (a["normalized"], a["channels"])
+        elif e.kind == "input":
+            src = e.inputs[0]
+            if src in images:
+                normalized, channels = images.pop(src)
+                names[src] = (b.lookup(channels, a["layer"]) if normalized
+                              else b.image(channels))
+            while not a["signed"] and src in relus:
+                src = relus[src]
+            names[e.output] = b.input(tensor(src), a["layer"], signed=a["signed"])
+        elif e.kind == "relu":
+            relus[e.output] = e.inputs[0]
+        elif e.kind == "conv":
+            names[e.output] = b.conv(a["layer"], tensor(e.inputs[0]), strides=a["strides"],
+                                     depthwise=a["depthwise"])
+        elif e.kind == "dense":
+            names[e.output] = b.dense(a["layer"], tensor(e.inputs[0]))
+        elif e.kind == "add":
+            names[e.output] = b.add(a["name"] or unique("add"), tensor(e.inputs[0]),
+                                    tensor(e.inputs[1]), relu=a["relu"])
+        elif e.kind == "max_pool":
+            names[e.output] = b.max_pool(tensor(e.inputs[0]), a["window"], a["strides"],
+                                         a["padding"], name=unique("max_pool"))
+        elif e.kind == "avg_pool":
+            names[e.output] = b.avg_pool(tensor(e.inputs[0]), a["window"],
+                                         name=unique("avg_pool"))
+        else:
+            raise ValueError(f"the record holds an op of kind {e.kind!r}, which integer "
+                             f"programs do not have")
+    if output not in names:
+        raise ValueError("the model's output is not the classifier's (QuantDense) logits")
+    return names[output]
 
 
-def _mobilenet_v1(b: _Builder, image: str, image_shape, params) -> str:
-    # The ReLU after each layer is the next layer's unsigned requantization; only the last
-    # one, before the pool, is an op of its own.
-    x = b.conv("stem", b.input(image, "stem", b.tensors[image]["kind"] == "signed"), strides=2)
-    for i, (_, stride) in enumerate(models.MobileNetV1.SETTING):
-        dw, pw = f"layer{i + 1}_depthwise", f"layer{i + 1}_pointwise"
-        x = b.conv(dw, b.input(x, dw, signed=False), strides=stride, depthwise=True)
-        x = b.conv(pw, b.input(x, pw, signed=False), strides=1)
-    x = b.avg_pool(b.relu(x), (image_shape[0] // 32) * (image_shape[1] // 32))
-    return b.dense("classifier", b.input(x, "classifier", signed=False))
-
-
-def _mobilenet_v2(b: _Builder, image: str, image_shape, params) -> str:
-    x = b.conv("stem", b.input(image, "stem", b.tensors[image]["kind"] == "signed"), strides=2)
-    x = b.relu(x)
-    index = 0
-    for t, _, n, s in models.MobileNetV2.SETTING:
-        for j in range(n):
-            index += 1
-            block = f"block{index}"
-            names = sorted(params[block], key=lambda k: int(k.split("_")[1]))
-            strides = s if j == 0 else 1
-            signed = index > 1
-            y = x
-            for k, layer in enumerate(names):
-                path = f"{block}/{layer}"
-                depthwise = k == len(names) - 2
-                reads_block = k == 0
-                y = b.conv(path, b.input(y, path, signed=signed and reads_block),
-                           strides=strides if depthwise else 1, depthwise=depthwise)
-            in_c = b.tensors[x]["channels"]
-            identity = strides == 1 and in_c == b.tensors[y]["channels"]
-            x = b.add(block, y, x, relu=False) if identity else y
-    x = b.relu(b.conv("tail", b.input(x, "tail", signed=True), strides=1))
-    x = b.avg_pool(x, (image_shape[0] // 32) * (image_shape[1] // 32))
-    return b.dense("classifier", b.input(x, "classifier", signed=False))
-
-
-def export(variables: Mapping[str, Any], model_name: str, config, *,
+def export(variables: Mapping[str, Any], model, config=None, *,
            image_shape: Optional[tuple] = None) -> IntegerProgram:
-    """The integer program of a fixed-point model.
+    """The integer program of a fixed-point model, built from the record of its own eval
+    forward (``f8net_jax.recording``): any model made of this package's layers exports.
 
     Args:
       variables: the model's 'params', 'batch_stats' and 'quant_stats'.
-      model_name: one of models.MODEL_NAMES.
-      config: the training config (a ConfigDict or mapping with 'quant' and, for the
-        MobileNets, 'width_multiplier'; 'image_size' gives the default image shape).
+      model: a linen module built from f8net_jax.layers in fixed-point mode, or the name
+        of one of models.MODEL_NAMES (built with ``config``).
+      config: for a model name, the training config (a ConfigDict or mapping with 'quant'
+        and 'width_multiplier', when the model has one); 'image_size' of a config gives the
+        default image shape.
       image_shape: (height, width, channels) the program runs on; the global average pool's
         shift depends on it.
     """
-    if model_name not in models.MODEL_NAMES:
-        raise ValueError(f"model must be one of {list(models.MODEL_NAMES)}, got {model_name!r}")
-    quant = _quant_config(config)
+    if isinstance(model, str):
+        name = model
+        if name not in models.MODEL_NAMES:
+            raise ValueError(f"model must be one of {list(models.MODEL_NAMES)}, got {name!r}")
+        quant = _quant_config(config)
+    else:
+        name = type(model).__name__
+        quant = model.quant
     if not quant.fixed:
         raise ValueError("quant.mode is 'float': integer inference needs a fixed-point model "
                          "(train with quant.mode='fixed')")
     if quant.bits != 8:
         raise ValueError(f"integer inference runs 8-bit formats, the model uses {quant.bits}")
-    quant = dataclasses.replace(quant, batch_axis_name=None)
     missing = [c for c in ("params", "batch_stats", "quant_stats") if c not in variables]
     if missing:
         raise ValueError(f"variables lack {missing}: a fixed-point model has params, "
                          f"batch_stats and quant_stats")
     params = variables["params"]
+    if "classifier" not in params or "bias" not in params["classifier"]:
+        raise ValueError("the variables have no classifier: export needs a model whose "
+                         "logits come from a QuantDense named 'classifier'")
     num_classes = int(np.asarray(params["classifier"]["bias"]).shape[0])
-    channels = int(np.asarray(params["stem"]["kernel"]).shape[2])
+    width = float(_field(config, "width_multiplier", 1.0))
+    if isinstance(model, str):
+        model = models.create(name, num_classes=num_classes, quant=quant,
+                              width_multiplier=width)
+    model = model.clone(quant=dataclasses.replace(quant, batch_axis_name=None))
     if image_shape is None:
         size = _field(config, "image_size", None)
         if size is None:
             raise ValueError("give image_shape or a config with image_size")
+        channels = int(np.asarray(params["stem"]["kernel"]).shape[2]) if "stem" in params \
+            else None
         image_shape = (int(size), int(size), channels)
     image_shape = tuple(int(d) for d in image_shape)
-    if len(image_shape) != 3 or image_shape[2] != channels:
-        raise ValueError(f"image_shape must be (height, width, {channels}), got {image_shape}")
-    width = float(_field(config, "width_multiplier", 1.0))
-    model = models.create(model_name, num_classes=num_classes, quant=quant,
-                          **({} if model_name.startswith("resnet") else
-                             {"width_multiplier": width}))
-    if image_shape[0] % model.total_stride or image_shape[1] % model.total_stride:
-        raise ValueError(f"image_shape {image_shape}: height and width must be multiples of "
-                         f"{model.total_stride} for {model_name}")
+    if "stem" in params and len(image_shape) == 3 and \
+            image_shape[2] != np.asarray(params["stem"]["kernel"]).shape[2]:
+        raise ValueError(f"image_shape must be (height, width, "
+                         f"{np.asarray(params['stem']['kernel']).shape[2]}), got {image_shape}")
+    stride = getattr(model, "total_stride", 1)
+    if len(image_shape) != 3 or image_shape[0] % stride or image_shape[1] % stride:
+        raise ValueError(f"image_shape {image_shape}: (height, width, channels) with height "
+                         f"and width multiples of {stride} for {name}")
     try:
         table = analysis.layer_formats(model, variables, image_shape,
                                        collections=("formats", "folded"))
+        record = recording.record(model, variables, image_shape)
     except (flax.errors.FlaxError, KeyError, TypeError) as e:
-        raise ValueError(f"the variables are not those of a {model_name} "
+        raise ValueError(f"the variables are not those of a {name} "
                          f"({str(e).splitlines()[0]})") from None
     b = _Builder(table)
-    image = b.lookup(channels, "stem") if quant.normalized_input else b.image(channels)
-    if model_name.startswith("resnet"):
-        output = _resnet(b, model_name, image, image_shape, params)
-    elif model_name == "mobilenet_v1":
-        output = _mobilenet_v1(b, image, image_shape, params)
-    else:
-        output = _mobilenet_v2(b, image, image_shape, params)
+    output = _replay(b, record.events, record.output)
     info = {"quant": dataclasses.asdict(quant), "width_multiplier": width}
     info["quant"]["weight_format"] = list(quant.weight_format)
     info["quant"]["input_format"] = list(quant.input_format)
-    program = IntegerProgram(model=model_name, num_classes=num_classes, image_shape=image_shape,
+    program = IntegerProgram(model=name, num_classes=num_classes, image_shape=image_shape,
                              ops=b.ops, tensors=b.tensors, arrays=b.arrays, output=output,
                              info=info)
     program.validate()

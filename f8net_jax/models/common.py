@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from f8net_jax import recording
 from f8net_jax.layers import QuantConfig
 
 
@@ -34,11 +35,21 @@ def prepare_image(x, *, total_stride: int, model: str, normalize: bool = False):
             f"positive multiples of {total_stride} (e.g. {8 * total_stride if total_stride >= 32 else 32})")
     if x.dtype == jnp.uint8:
         if not normalize:
-            return x.astype(jnp.float32) / 256.0
-        three = x.shape[-1] == 3
-        mean = jnp.asarray(IMAGENET_MEAN if three else sum(IMAGENET_MEAN) / 3, jnp.float32)
-        std = jnp.asarray(IMAGENET_STD if three else sum(IMAGENET_STD) / 3, jnp.float32)
-        return (x.astype(jnp.float32) / 255.0 - mean) / std
+            out = x.astype(jnp.float32) / 256.0
+        else:
+            out = normalize_pixels(x)
+        # The integer program reads the pixels themselves (through a table if normalized).
+        recording.emit("image", [], out, normalized=normalize, channels=int(x.shape[-1]))
+        return out
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{model}: images must be uint8 pixels or float, got dtype {x.dtype}")
     return x.astype(jnp.float32)
+
+
+def normalize_pixels(x):
+    """(p / 255 - mean) / std of uint8 pixels p with ImageNet's channel statistics (their
+    mean for other channel counts)."""
+    three = x.shape[-1] == 3
+    mean = jnp.asarray(IMAGENET_MEAN if three else sum(IMAGENET_MEAN) / 3, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD if three else sum(IMAGENET_STD) / 3, jnp.float32)
+    return (x.astype(jnp.float32) / 255.0 - mean) / std

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from f8net_jax import recording
 from f8net_jax.layers import (QuantConfig, QuantConvBN, QuantDense, Reader,
-                              global_average_pool, run_readers, scale_plan)
+                              global_average_pool, relu, residual_add, run_readers, scale_plan)
 from f8net_jax.models.common import prepare_image, stem_input_kind
 
 
@@ -67,7 +68,7 @@ class MobileNetV1(nn.Module):
             # input statistic is taken before rectification (METHOD.md 5, as the official
             # code).
             if not layer.depthwise:
-                x = nn.relu(x)
+                x = relu(x)
         x, factor = global_average_pool(x, q)
         return classifier(x, alpha=alphas[-1], input_factor=factor, train=train)
 
@@ -109,7 +110,9 @@ class InvertedResidual(Reader, nn.Module):
     def __call__(self, x, *, alpha, out_scale, train: bool):
         # The hidden layers read unsigned inputs: their quantizers apply the ReLU (clip).
         y = run_readers(self.layers, x, alpha=alpha, out_scale=out_scale, train=train)
-        return y + x if self.identity else y
+        if not self.identity:
+            return y
+        return residual_add(y, x, name=recording.module_path(self))
 
 
 class MobileNetV2(nn.Module):
@@ -146,9 +149,9 @@ class MobileNetV2(nn.Module):
                            name="tail")
         classifier = _classifier(last, self.num_classes, q, starts_chain=True)
         alphas, scales = scale_plan([stem, *blocks, tail, classifier])
-        x = nn.relu(stem(x, alpha=alphas[0], out_scale=scales[1], train=train))
+        x = relu(stem(x, alpha=alphas[0], out_scale=scales[1], train=train))
         for i, block in enumerate(blocks):
             x = block(x, alpha=alphas[i + 1], out_scale=scales[i + 2], train=train)
-        x = nn.relu(tail(x, alpha=alphas[-2], out_scale=scales[-1], train=train))
+        x = relu(tail(x, alpha=alphas[-2], out_scale=scales[-1], train=train))
         x, factor = global_average_pool(x, q)
         return classifier(x, alpha=alphas[-1], input_factor=factor, train=train)

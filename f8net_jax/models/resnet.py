@@ -16,8 +16,10 @@ from typing import Sequence
 
 import flax.linen as nn
 
+from f8net_jax import recording
 from f8net_jax.layers import (QuantConfig, QuantConvBN, QuantDense, Reader,
-                              global_average_pool, max_pool, run_readers, scale_plan)
+                              global_average_pool, max_pool, relu, residual_add, run_readers,
+                              scale_plan)
 from f8net_jax.models.common import prepare_image, stem_input_kind
 
 
@@ -70,7 +72,7 @@ class ResidualBlock(Reader, nn.Module):
         y = run_readers(self.body, x, alpha=alpha, out_scale=out_scale, train=train)
         skip = x if self.identity else self.shortcut(x, alpha=alpha, out_scale=out_scale,
                                                      train=train)
-        return nn.relu(y + skip)
+        return residual_add(y, skip, relu=True, name=recording.module_path(self))
 
 
 class ResNet(nn.Module):
@@ -114,8 +116,7 @@ class ResNet(nn.Module):
                           normalize=self.quant.normalized_input)
         stem, blocks, classifier = self._layers(x.shape[-1])
         alphas, scales = scale_plan([stem, *blocks, classifier])
-        x = stem(x, alpha=alphas[0], out_scale=scales[1], train=train)
-        x = nn.relu(x)
+        x = relu(stem(x, alpha=alphas[0], out_scale=scales[1], train=train))
         if not self.cifar_stem:
             x = max_pool(x, 3, 2, 1, precision=self.quant.compute)
         for i, block in enumerate(blocks):
