@@ -203,7 +203,7 @@ def integer_check(run_dir: str, verify_images: int = 256) -> dict:
 
     from f8net_jax.integer import Executor, cli
     from f8net_jax.integer.verification import Verifier
-    from f8net_jax.integer.verify import eval_images
+    from f8net_jax.integer.verify_program import eval_images
 
     with jax.default_matmul_precision("highest"):
         model, variables, config, image_shape = cli.load_fixed_point(run_dir)

@@ -331,7 +331,7 @@ def _run(*args):
 
 def test_export_and_verify_commands_on_a_trained_run(smoke_workdir, tmp_path):
     out = str(tmp_path / "exported" / "smoke")
-    result = _run("f8net_jax.integer.export", f"--workdir={smoke_workdir}", f"--output={out}",
+    result = _run("f8net_jax.integer.export_program", f"--workdir={smoke_workdir}", f"--output={out}",
                   "--jax_export_batch=4")
     assert result.returncode == 0, result.stderr
     assert "0 ops rely on saturation" in result.stdout
@@ -341,7 +341,7 @@ def test_export_and_verify_commands_on_a_trained_run(smoke_workdir, tmp_path):
     exported = integer.deserialize(open(out + ".jaxexport", "rb").read())
     images = np.zeros((4,) + tuple(integer.load(out).image_shape), np.uint8)
     np.testing.assert_array_equal(exported.call(images), integer.Executor(integer.load(out))(images))
-    result = _run("f8net_jax.integer.verify", f"--workdir={smoke_workdir}", "--num_images=40",
+    result = _run("f8net_jax.integer.verify_program", f"--workdir={smoke_workdir}", "--num_images=40",
                   f"--program={out}")
     assert result.returncode == 0, result.stdout + result.stderr
     last = result.stdout.strip().splitlines()[-1]
@@ -360,10 +360,10 @@ def test_commands_fail_cleanly_on_bad_workdirs(smoke_workdir, tmp_path):
     json.dump(config, open(os.path.join(float_dir, "config.json"), "w"))
     out = str(tmp_path / "out")
     for args, message in [
-        (("f8net_jax.integer.verify", f"--workdir={float_dir}"), "float-mode"),
-        (("f8net_jax.integer.export", f"--workdir={float_dir}", f"--output={out}"), "float-mode"),
-        (("f8net_jax.integer.verify", f"--workdir={tmp_path / 'none'}"), "no config.json"),
-        (("f8net_jax.integer.verify", f"--workdir={smoke_workdir}", "--num_images=-1"),
+        (("f8net_jax.integer.verify_program", f"--workdir={float_dir}"), "float-mode"),
+        (("f8net_jax.integer.export_program", f"--workdir={float_dir}", f"--output={out}"), "float-mode"),
+        (("f8net_jax.integer.verify_program", f"--workdir={tmp_path / 'none'}"), "no config.json"),
+        (("f8net_jax.integer.verify_program", f"--workdir={smoke_workdir}", "--num_images=-1"),
          "--num_images must be >= 0"),
     ]:
         result = _run(*args)
@@ -373,14 +373,14 @@ def test_commands_fail_cleanly_on_bad_workdirs(smoke_workdir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(os.path.join(smoke_workdir, "config.json"), empty)
-    result = _run("f8net_jax.integer.export", f"--workdir={empty}", f"--output={out}")
+    result = _run("f8net_jax.integer.export_program", f"--workdir={empty}", f"--output={out}")
     assert result.returncode != 0 and "no checkpoint" in result.stderr
     assert not os.path.exists(out + ".json") and not os.path.exists(out + ".npz")
 
 
 def test_export_into_a_folder_writes_the_model_name_inside(smoke_workdir, tmp_path):
     folder = tmp_path / "programs"
-    result = _run("f8net_jax.integer.export", f"--workdir={smoke_workdir}",
+    result = _run("f8net_jax.integer.export_program", f"--workdir={smoke_workdir}",
                   f"--output={folder}{os.sep}")
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(folder)) == ["resnet20.json", "resnet20.npz"]
@@ -417,3 +417,13 @@ def test_edited_program_graphs_are_refused(tmp_path):
                         (other_shift, "does not match its checksum")):
         with pytest.raises(ValueError, match=match):
             load_edited(edit)()
+
+
+def test_every_backend_runs_every_op_kind_and_commands_do_not_shadow_the_library():
+    import importlib
+
+    for name, backend in executor.BACKENDS.items():
+        assert backend.name == name and set(backend.table()) == set(program_lib.OPS)
+    importlib.import_module("f8net_jax.integer.export_program")
+    importlib.import_module("f8net_jax.integer.verify_program")
+    assert callable(integer.export) and callable(integer.load)

@@ -8,9 +8,9 @@ simulation (docs/METHOD.md 6 and 8).
     logits = integer.Executor(integer.load("model"))(images)   # int32, at logits_fraclen
 """
 
-from f8net_jax.integer.executor import Executor, deserialize, execute, serialize
+from f8net_jax.integer.executor import Executor, deserialize, serialize
 from f8net_jax.integer.exporter import export
 from f8net_jax.integer.program import VERSION, IntegerProgram, load, save
 
-__all__ = ["Executor", "IntegerProgram", "VERSION", "deserialize", "execute", "export",
+__all__ = ["Executor", "IntegerProgram", "VERSION", "deserialize", "export",
            "load", "save", "serialize"]

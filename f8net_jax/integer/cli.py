@@ -6,7 +6,7 @@ import sys
 
 from f8net_jax import analysis
 from f8net_jax.integer.exporter import export
-from f8net_jax.integer.program import IntegerProgram
+from f8net_jax.integer.program import ACCUMULATING, IntegerProgram
 
 ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, OSError)
 
@@ -34,7 +34,7 @@ def export_loaded(variables, config, image_shape) -> IntegerProgram:
 def describe(program: IntegerProgram) -> list:
     """Lines summing up a program and its static checks."""
     checks = program.checks()
-    layers = sum(op["op"] in ("conv", "dense") for op in program.ops)
+    layers = sum(op["op"] in ACCUMULATING for op in program.ops)
     worst = max(checks, key=lambda c: c["accumulator_bound"])
     inexact = [c["layer"] for c in checks if not c["float32_exact"]]
     saturating = program.saturating_ops()

@@ -14,8 +14,9 @@ int32 this equals exact arithmetic; the static bounds prove that for every unmar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ import numpy as np
 
 from f8net_jax import fixed_point as fp
 from f8net_jax.integer import vnni
-from f8net_jax.integer.program import IntegerProgram
+from f8net_jax.integer.program import ACCUMULATING, OPS, IntegerProgram
 
 INT32_MAX = 2 ** 31 - 1
 INT32_MIN = -(2 ** 31)
@@ -41,19 +42,6 @@ def saturating_add(a: jax.Array, b: jax.Array) -> jax.Array:
     s = a + b
     return jnp.where(b > 0, jnp.where(a > INT32_MAX - b, INT32_MAX, s),
                      jnp.where(a < INT32_MIN - b, INT32_MIN, s))
-
-
-# The backends: 'vnni' (convolutions by the AVX-512 VNNI kernel, CPU), 'xla' (XLA's int8
-# convolution; CPU) and 'im2col' (patches by strided slices, then int8 dot_general: for
-# GPUs, whose XLA has no int8 convolution with int32 results, and for portable
-# jax.export artifacts). How they store 8-bit tensors: 'xla' and 'im2col' keep both kinds
-# as int8 (unsigned ones offset by -128, since both operands of an int8 product must be
-# signed); 'vnni' keeps unsigned ones as uint8, the kernel's native u8 x s8 product.
-BACKENDS = ("vnni", "xla", "im2col")
-
-
-def _storage(kind: str, backend: str) -> str:
-    return "u8" if kind == "unsigned" and backend == "vnni" else "s8"
 
 
 def _zero_point(kind: str, code: str) -> int:
@@ -100,79 +88,197 @@ def _bias_add(y, b, saturate: bool, correction=None):
     return saturating_add(y, b) if saturate else y + b
 
 
-class _Plan:
-    """Per op, what a backend needs beyond the program: operand codes, padded and packed
-    weights, biases with the zero-point correction -z * sum(w) (exact, int64 first)."""
+class Plan:
+    """What a backend runs beyond the program: per op a copy with the backend's choices,
+    the storage code of every tensor ('u8', 's8' or 's32') and the arrays (weights as the
+    backend wants them, biases with the zero-point correction -z * sum(w), exact)."""
 
-    def __init__(self, program: IntegerProgram, backend: str):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    def __init__(self, backend: "Backend", program: IntegerProgram):
         self.backend = backend
-        self.code = {name: _storage(t["kind"], backend) if t["kind"] != "int32" else "s32"
+        self.code = {name: backend.storage(t["kind"]) if t["kind"] != "int32" else "s32"
                      for name, t in program.tensors.items()}
         self.ops, self.arrays = [], {}
         for op in program.ops:
             op = dict(op)
-            if op["op"] in ("conv", "dense"):
-                src = op["in"][0]
-                kind = program.tensors[src]["kind"]
-                w = program.arrays[op["weight"]]
-                bias = program.arrays[op["bias"]].astype(np.int64)
-                wsum = np.sum(w.astype(np.int64), axis=tuple(range(w.ndim - 1)))
-
-                def correction(code):
-                    # The codes' products sum to conv(value) + z * sum(w): subtract it again
-                    # (|z * sum(w)| <= 128 * 127 * fan-in fits int32).
-                    return -_zero_point(kind, code) * wsum
-
-                fast = (backend == "vnni" and op["op"] == "conv" and op["groups"] == 1
-                        and not op["saturate"]
-                        and np.all(np.abs(bias + correction("u8")) <= INT32_MAX))
-                need = "u8" if fast else "s8"
-                z = _zero_point(kind, need)
-                if np.any(np.abs(bias + correction(need)) > INT32_MAX):
-                    op["saturate"] = True  # the corrected bias alone leaves int32
-                if op["saturate"]:
-                    # Exact conv(value) first (it fits int32), then the saturating bias add.
-                    self.arrays[f"{op['name']}/correction"] = correction(need).astype(np.int32)
-                else:
-                    bias = bias + correction(need)
-                bias = bias.astype(np.int32)
-                op.update(need=need, pad_code=z, fast=fast, weight_shape=w.shape,
-                          im2col=backend == "im2col")
-                key = op["name"]
-                if fast:
-                    packed, cp, cop = vnni.pack_weight(w)
-                    padded = np.zeros(cop, np.int32)
-                    padded[:bias.size] = bias
-                    op.update(in_channels=w.shape[2], padded_channels=cp)
-                    self.arrays[f"{key}/weight"], self.arrays[f"{key}/bias"] = packed, padded
-                else:
-                    self.arrays[f"{key}/weight"], self.arrays[f"{key}/bias"] = w, bias
+            if op["op"] in ACCUMULATING:
+                self._layer(op, program)
             elif op["op"] == "lookup":
                 self.arrays[op["table"]] = program.arrays[op["table"]]
             self.ops.append(op)
 
+    def _layer(self, op: dict, program: IntegerProgram) -> None:
+        kind = program.tensors[op["in"][0]]["kind"]
+        w = program.arrays[op["weight"]]
+        bias = program.arrays[op["bias"]].astype(np.int64)
+        wsum = np.sum(w.astype(np.int64), axis=tuple(range(w.ndim - 1)))
 
-def _conv(op, x, w, b, c=None):
-    p = op["padding"]
-    if op["fast"]:
-        extra = op["padded_channels"] - op["in_channels"]
+        def correction(code):
+            # The codes' products sum to conv(value) + z * sum(w): subtract it again
+            # (|z * sum(w)| <= 128 * 127 * fan-in fits int32).
+            return -_zero_point(kind, code) * wsum
+
+        fast = self.backend.fast_layer(op, bias + correction("u8"))
+        need = "u8" if fast else "s8"
+        if np.any(np.abs(bias + correction(need)) > INT32_MAX):
+            op["saturate"] = True  # the corrected bias alone leaves int32
+        if op["saturate"]:
+            # Exact conv(value) first (it fits int32), then the saturating bias add.
+            self.arrays[f"{op['name']}/correction"] = correction(need).astype(np.int32)
+        else:
+            bias = bias + correction(need)
+        op.update(need=need, pad_code=_zero_point(kind, need), fast=fast,
+                  weight_shape=w.shape)
+        key = op["name"]
+        if fast:
+            weight, bias, extra = self.backend.pack(w, bias.astype(np.int32))
+            op.update(extra)
+        else:
+            weight = w
+        self.arrays[f"{key}/weight"], self.arrays[f"{key}/bias"] = weight, bias.astype(np.int32)
+
+
+class Backend:
+    """How an executor computes each op kind of the program: one method per kind in
+    ``program.OPS`` (``Backend.table`` dispatches), and the integer products of its conv and
+    dense ops. Unsigned and signed 8-bit tensors are both stored as int8 (unsigned ones
+    offset by -128, since both operands of an int8 product must be signed) unless a backend
+    says otherwise in ``storage``."""
+
+    name = ""
+
+    def storage(self, kind: str) -> str:
+        return "s8"
+
+    def fast_layer(self, op: dict, bias_u8) -> bool:
+        """Whether the layer runs on the backend's own kernel on uint8 input (then
+        ``pack`` lays its weight out)."""
+        return False
+
+    def pack(self, w, bias):
+        raise NotImplementedError
+
+    def table(self) -> dict:
+        return {kind: getattr(self, kind) for kind in OPS}
+
+    # -- the products ------------------------------------------------------------------
+    def convolve(self, op: dict, x, w):
+        """int32 conv(x, w) of padded int8 x (no bias)."""
+        return jax.lax.conv_general_dilated(
+            x, w, window_strides=(op["strides"],) * 2, padding="VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=op["groups"],
+            preferred_element_type=jnp.int32)
+
+    # -- the ops: (op, its input arrays, the run) -> its output ------------------------
+    def image(self, op, args, run):
+        return _recode(run.images, "u8", run.code[op["out"]])
+
+    def lookup(self, op, args, run):
+        table = run.arrays[op["table"]]
+        return table[jnp.arange(table.shape[0]), run.images.astype(jnp.int32)]
+
+    def conv(self, op, args, run):
+        x, w, b, c = self._layer_inputs(op, args, run)
+        p = op["padding"]
+        if p:
+            x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)),
+                        constant_values=jnp.int8(op["pad_code"]))
+        return _bias_add(self.convolve(op, x, w), b, op["saturate"], c)
+
+    def dense(self, op, args, run):
+        x, w, b, c = self._layer_inputs(op, args, run)
+        extra = -x.shape[1] % 4  # contractions padded to a multiple of 4, as in im2col
+        if extra:
+            x, w = jnp.pad(x, ((0, 0), (0, extra))), jnp.pad(w, ((0, extra), (0, 0)))
+        y = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())),
+                                preferred_element_type=jnp.int32)
+        return _bias_add(y, b, op["saturate"], c)
+
+    def requantize(self, op, args, run):
+        return _requantize(args[0], op["shift"], op["signed"], run.code[op["out"]])
+
+    def relu(self, op, args, run):
+        return jnp.maximum(args[0], 0)
+
+    def add(self, op, args, run):
+        a = _shift_left(args[0], op["shift"][0], op["saturate"])
+        b = _shift_left(args[1], op["shift"][1], op["saturate"])
+        y = _bias_add(a, b, op["saturate"])
+        return jnp.maximum(y, 0) if op["relu"] else y
+
+    def max_pool(self, op, args, run):
+        w, s, p = op["window"], op["strides"], op["padding"]
+        return jax.lax.reduce_window(args[0], jnp.int32(INT32_MIN), jax.lax.max,
+                                     (1, w, w, 1), (1, s, s, 1),
+                                     ((0, 0), (p, p), (p, p), (0, 0)))
+
+    def avg_pool(self, op, args, run):
+        if op["saturate"]:
+            return jax.lax.reduce(args[0], jnp.int32(0), saturating_add, (1, 2))
+        return jnp.sum(args[0], axis=(1, 2), dtype=jnp.int32)
+
+    @staticmethod
+    def _layer_inputs(op, args, run):
+        x = _recode(args[0], run.code[op["in"][0]], op["need"])
+        key = op["name"]
+        return (x, run.arrays[f"{key}/weight"], run.arrays[f"{key}/bias"],
+                run.arrays.get(f"{key}/correction"))
+
+
+class XlaBackend(Backend):
+    """XLA's int8 convolution with int32 results (CPU only)."""
+
+    name = "xla"
+
+
+class Im2colBackend(Backend):
+    """Patches by strided slices, then int8 dot_general: for GPUs, whose XLA has no int8
+    convolution with int32 results, and for portable jax.export artifacts."""
+
+    name = "im2col"
+
+    def convolve(self, op, x, w):
+        return _im2col_conv(x, w, op["strides"], op["groups"])
+
+
+class VnniBackend(Backend):
+    """Convolutions by the AVX-512 VNNI kernel (CPU) on uint8 x int8, its native product;
+    unsigned tensors are kept as uint8. Depthwise and saturating layers, and dense ones,
+    run as on 'xla'."""
+
+    name = "vnni"
+
+    def storage(self, kind):
+        return "u8" if kind == "unsigned" else "s8"
+
+    def fast_layer(self, op, bias_u8):
+        return (op["op"] == "conv" and op["groups"] == 1 and not op["saturate"]
+                and bool(np.all(np.abs(bias_u8) <= INT32_MAX)))
+
+    def pack(self, w, bias):
+        packed, cp, cop = vnni.pack_weight(w)
+        padded = np.zeros(cop, np.int32)
+        padded[:bias.size] = bias
+        return packed, padded, {"in_channels": w.shape[2], "padded_channels": cp}
+
+    def conv(self, op, args, run):
+        if not op["fast"]:
+            return super().conv(op, args, run)
+        x, w, b, _ = self._layer_inputs(op, args, run)
+        p, extra = op["padding"], op["padded_channels"] - op["in_channels"]
         if p or extra:
             x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, extra)),
                         constant_values=jnp.uint8(op["pad_code"]))
         return vnni.conv(x, w, b, kernel_size=int(op["weight_shape"][0]),
                          strides=op["strides"], out_channels=int(op["weight_shape"][3]))
-    if p:
-        x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=jnp.int8(op["pad_code"]))
-    if op["im2col"]:
-        y = _im2col_conv(x, w, op["strides"], op["groups"])
-    else:
-        y = jax.lax.conv_general_dilated(
-            x, w, window_strides=(op["strides"],) * 2, padding="VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=op["groups"],
-            preferred_element_type=jnp.int32)
-    return _bias_add(y, b, op["saturate"], c)
+
+
+BACKENDS = {b.name: b for b in (VnniBackend(), XlaBackend(), Im2colBackend())}
+
+
+def plan(program: IntegerProgram, backend: str) -> Plan:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    return Plan(BACKENDS[backend], program)
 
 
 def _im2col_conv(x, w, strides: int, groups: int):
@@ -206,14 +312,6 @@ def _im2col_conv(x, w, strides: int, groups: int):
     return y[:, :, 0].T.reshape(n, oh, ow, c)
 
 
-def _dense(op, x, w, b, c=None):
-    extra = -x.shape[1] % 4  # contractions padded to a multiple of 4, as in _im2col_conv
-    if extra:
-        x, w = jnp.pad(x, ((0, 0), (0, extra))), jnp.pad(w, ((0, extra), (0, 0)))
-    y = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    return _bias_add(y, b, op["saturate"], c)
-
-
 def check_images(program: IntegerProgram, images) -> None:
     """Raises ValueError unless ``images`` is a uint8 batch of the program's image shape."""
     shape = tuple(getattr(images, "shape", ()))
@@ -226,45 +324,14 @@ def check_images(program: IntegerProgram, images) -> None:
         raise ValueError(f"images must be uint8 pixels, got dtype {dtype}")
 
 
-def _execute(program: IntegerProgram, plan: _Plan, arrays: dict, images, collect: bool):
+def _execute(program: IntegerProgram, plan: Plan, arrays: dict, images, collect: bool):
     check_images(program, images)
+    run = _Run(images, arrays, plan.code)
+    table = plan.backend.table()
     env, seen, code = {}, {}, plan.code
     for op in plan.ops:
-        kind, out = op["op"], op["out"]
-        args = [env[name] for name in op["in"]]
-        if kind == "image":
-            y = _recode(images, "u8", code[out])
-        elif kind == "lookup":
-            table = arrays[op["table"]]
-            y = table[jnp.arange(table.shape[0]), images.astype(jnp.int32)]
-        elif kind in ("conv", "dense"):
-            x = _recode(args[0], code[op["in"][0]], op["need"])
-            key = op["name"]
-            w, b = arrays[f"{key}/weight"], arrays[f"{key}/bias"]
-            c = arrays.get(f"{key}/correction")
-            y = _conv(op, x, w, b, c) if kind == "conv" else _dense(op, x, w, b, c)
-        elif kind == "requantize":
-            y = _requantize(args[0], op["shift"], op["signed"], code[out])
-        elif kind == "relu":
-            y = jnp.maximum(args[0], 0)
-        elif kind == "add":
-            a = _shift_left(args[0], op["shift"][0], op["saturate"])
-            b = _shift_left(args[1], op["shift"][1], op["saturate"])
-            y = _bias_add(a, b, op["saturate"])
-            if op["relu"]:
-                y = jnp.maximum(y, 0)
-        elif kind == "max_pool":
-            w, s, p = op["window"], op["strides"], op["padding"]
-            y = jax.lax.reduce_window(args[0], jnp.int32(INT32_MIN), jax.lax.max,
-                                      (1, w, w, 1), (1, s, s, 1),
-                                      ((0, 0), (p, p), (p, p), (0, 0)))
-        elif kind == "avg_pool":
-            if op["saturate"]:
-                y = jax.lax.reduce(args[0], jnp.int32(0), saturating_add, (1, 2))
-            else:
-                y = jnp.sum(args[0], axis=(1, 2), dtype=jnp.int32)
-        else:
-            raise ValueError(f"unknown op {kind!r}")
+        out = op["out"]
+        y = table[op["op"]](op, [env[name] for name in op["in"]], run)
         env[out] = y
         if collect:
             z = _zero_point(program.tensors[out]["kind"], code[out]) if code[out] != "s32" else 0
@@ -273,21 +340,19 @@ def _execute(program: IntegerProgram, plan: _Plan, arrays: dict, images, collect
     return (logits, seen) if collect else logits
 
 
+@dataclasses.dataclass
+class _Run:
+    images: Any
+    arrays: dict
+    code: dict
+
+
 def default_backend() -> str:
     """'vnni' on a CPU whose kernel loads (see vnni.available), 'xla' on other CPUs,
     'im2col' on GPUs and TPUs."""
     if jax.default_backend() != "cpu":
         return "im2col"
     return "vnni" if vnni.available()[0] else "xla"
-
-
-def execute(program: IntegerProgram, arrays: Optional[dict], images, collect: bool = False,
-            backend: str = "xla"):
-    """The program's int32 logits for uint8 ``images`` (traceable). ``arrays``: the
-    backend's arrays (None: derived from the program here). With ``collect`` also
-    {tensor name: int32 values} of every tensor (value = integer * 2^-fraclen)."""
-    plan = _Plan(program, backend)
-    return _execute(program, plan, plan.arrays if arrays is None else arrays, images, collect)
 
 
 class Executor:
@@ -305,7 +370,7 @@ class Executor:
             ok, why = vnni.available()
             if not ok:
                 raise ValueError(f"backend 'vnni' is not available: {why}")
-        self.plan = _Plan(program, self.backend)
+        self.plan = plan(program, self.backend)
         self.arrays = {k: jnp.asarray(v) for k, v in self.plan.arrays.items()}
         self._run = jax.jit(functools.partial(_execute, program, self.plan, collect=False))
         self._collect = jax.jit(functools.partial(_execute, program, self.plan, collect=True))
@@ -333,9 +398,9 @@ def serialize(program: IntegerProgram, batch_size: int, backend: str = "im2col")
         raise ValueError("the 'vnni' backend calls a local kernel: serialize with 'im2col' "
                          "or 'xla'")
     platforms = ("cpu", "cuda") if backend == "im2col" else ("cpu",)  # no int8 conv on CUDA
-    plan = _Plan(program, backend)
-    arrays = {k: jnp.asarray(v) for k, v in plan.arrays.items()}
-    fn = jax.jit(lambda images: _execute(program, plan, arrays, images, False))
+    the_plan = plan(program, backend)
+    arrays = {k: jnp.asarray(v) for k, v in the_plan.arrays.items()}
+    fn = jax.jit(lambda images: _execute(program, the_plan, arrays, images, False))
     spec = jax.ShapeDtypeStruct((batch_size,) + tuple(program.image_shape), jnp.uint8)
     return jax.export.export(fn, platforms=platforms)(spec).serialize()
 

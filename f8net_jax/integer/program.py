@@ -40,6 +40,7 @@ FORMAT = "f8net_jax.integer_program"
 VERSION = 2  # 2: the op graph carries its own checksum (graph_sha256)
 KINDS = ("unsigned", "signed", "int32")
 OPS = ("image", "lookup", "conv", "dense", "requantize", "relu", "add", "max_pool", "avg_pool")
+ACCUMULATING = ("conv", "dense")  # the layers: int8 x int8 products into int32, a bias
 ARRAY_DTYPES = {"weight": np.int8, "bias": np.int32, "table": np.int8}
 # Per op: how many tensors it reads, and the fields it needs with their types.
 OP_FIELDS = {
@@ -177,7 +178,7 @@ class IntegerProgram:
             expect(f"the shape of {op['table']!r}", self.arrays[op["table"]].shape,
                    (channels_in, 256))
             expect(f"the channels of {out!r}", (dst["channels"],), (channels_in,))
-        elif kind in ("conv", "dense"):
+        elif kind in ACCUMULATING:
             expect_kind(inputs[0], src, ("unsigned", "signed"))
             expect_kind(out, dst, ("int32",))
             weight, bias = self.arrays[op["weight"]], self.arrays[op["bias"]]

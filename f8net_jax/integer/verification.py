@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from f8net_jax.integer.executor import Executor
-from f8net_jax.integer.program import IntegerProgram
+from f8net_jax.integer.program import ACCUMULATING, IntegerProgram
 
 
 def simulation_fn(model):
@@ -78,7 +78,7 @@ def pairs(program: IntegerProgram):
     readers."""
     out = []
     for op in program.ops:
-        if op["op"] in ("conv", "dense"):
+        if op["op"] in ACCUMULATING:
             out.append((f"{op['name']}/input", op["in"][0], True))
             out.append((op["name"], op["out"], True))
         elif op["op"] == "add":

@@ -1,6 +1,6 @@
 """Exports a training workdir's fixed-point model to an integer program.
 
-    python -m f8net_jax.integer.export --workdir=DIR --output=FILE [--jax_export_batch=N]
+    python -m f8net_jax.integer.export_program --workdir=DIR --output=FILE [--jax_export_batch=N]
 
 writes FILE.json (op graph, formats, static checks) and FILE.npz (int8 weights, int32
 biases); with --jax_export_batch also FILE.jaxexport, the executor for batches of N uint8
@@ -21,7 +21,7 @@ from f8net_jax.integer.program import file_paths, save
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m f8net_jax.integer.export",
+    parser = argparse.ArgumentParser(prog="python -m f8net_jax.integer.export_program",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="training workdir (fixed point)")
     parser.add_argument("--output", required=True, help="FILE: writes FILE.json and FILE.npz; "

@@ -1,7 +1,7 @@
 """Runs a workdir's fixed-point model both ways on its eval data, integer program and
 simulation, and checks they agree exactly.
 
-    python -m f8net_jax.integer.verify --workdir=DIR [--num_images=N] [--program=FILE]
+    python -m f8net_jax.integer.verify_program --workdir=DIR [--num_images=N] [--program=FILE]
                                        [--layers]
 
 Exports the workdir's latest checkpoint (or checks the saved program FILE against it),
@@ -41,7 +41,7 @@ def eval_images(config):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m f8net_jax.integer.verify",
+    parser = argparse.ArgumentParser(prog="python -m f8net_jax.integer.verify_program",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="training workdir (fixed point)")
     parser.add_argument("--num_images", type=int, default=0,
