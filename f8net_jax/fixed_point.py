@@ -37,6 +37,8 @@ ArrayLike = Union[jax.Array, np.ndarray, float, int]
 
 MIN_BITS = 2
 MAX_BITS = 16
+INT32_MAX = 2 ** 31 - 1   # accumulators, biases and residual streams are int32
+INT32_MIN = -(2 ** 31)
 
 # c in fraclen = floor(log2(c / m)), fitted to the quantization-error analysis of 8-bit
 # formats for a Gaussian (signed) or rectified Gaussian (unsigned) input.

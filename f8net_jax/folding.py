@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from f8net_jax import fixed_point as fp
 
 FORMAT_RULES = ("std", "mae", "rms", "grid")
-INT32_MAX = 2**31 - 1
 
 
 def choose_fraclen(x: jax.Array, rule: str, *, signed: bool, bits: int = 8,
@@ -113,7 +112,7 @@ def round_bias(bias: jax.Array, fraclen: jax.Array) -> jax.Array:
     """The bias as the integer accumulator stores it: round(b * 2^fl) * 2^-fl, saturated to
     the int32 range (32-bit fixed point at the accumulator's fl)."""
     scale = fp.pow2(fraclen, bias.dtype)
-    return jnp.clip(jnp.round(bias * scale), -INT32_MAX, INT32_MAX) / scale
+    return jnp.clip(jnp.round(bias * scale), -fp.INT32_MAX, fp.INT32_MAX) / scale
 
 
 def classifier_weight_scale(quantized_kernel: jax.Array, features: int) -> jax.Array:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from f8net_jax import fixed_point as fp
 from f8net_jax import folding
 
 FOLD = jax.jit(lambda k, g, b, m, v, si, so: folding.fold_conv_bn(
@@ -69,7 +70,7 @@ def test_round_bias_puts_the_bias_on_the_accumulator_grid_and_saturates():
     out = np.asarray(folding.round_bias(b, jnp.float32(4.0)), np.float64)
     np.testing.assert_array_equal(out * 16, np.round(out * 16))
     assert out[0] == 5 / 16 and out[1] == -19 / 16
-    assert out[2] * 16 == np.float32(folding.INT32_MAX) and out[3] * 16 == -np.float32(folding.INT32_MAX)
+    assert out[2] * 16 == np.float32(fp.INT32_MAX) and out[3] * 16 == -np.float32(fp.INT32_MAX)
 
 
 def test_jitted_activation_scale_is_a_correctly_rounded_division():

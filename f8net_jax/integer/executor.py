@@ -26,8 +26,6 @@ from f8net_jax import fixed_point as fp
 from f8net_jax.integer import vnni
 from f8net_jax.integer.program import ACCUMULATING, OPS, IntegerProgram
 
-INT32_MAX = 2 ** 31 - 1
-INT32_MIN = -(2 ** 31)
 
 
 def _channels(values) -> np.ndarray:
@@ -40,8 +38,8 @@ def saturating_add(a: jax.Array, b: jax.Array) -> jax.Array:
     """a + b for int32, clipped to the int32 range instead of wrapping."""
     b = jnp.asarray(b, jnp.int32)
     s = a + b
-    return jnp.where(b > 0, jnp.where(a > INT32_MAX - b, INT32_MAX, s),
-                     jnp.where(a < INT32_MIN - b, INT32_MIN, s))
+    return jnp.where(b > 0, jnp.where(a > fp.INT32_MAX - b, fp.INT32_MAX, s),
+                     jnp.where(a < fp.INT32_MIN - b, fp.INT32_MIN, s))
 
 
 def _zero_point(kind: str, code: str) -> int:
@@ -61,7 +59,7 @@ def _recode(x, have: str, need: str):
 
 
 def _requantize(x, shift, signed: bool, code: str):
-    lo, hi = (-127, 127) if signed else (0, 255)
+    lo, hi = fp.integer_range(signed=signed)
     s = np.asarray(shift, np.int32)
     if np.all(s > 0):  # the usual case: one branch of fp.requantize, nothing to select
         r = jnp.clip(fp.rounding_shift(x, _channels(s)), lo, hi)
@@ -78,7 +76,7 @@ def _shift_left(x, shift, saturate: bool):
     if not np.any(s):
         return x
     if saturate:
-        return fp.saturating_shift_left(x, _channels(s), -INT32_MAX, INT32_MAX)
+        return fp.saturating_shift_left(x, _channels(s), -fp.INT32_MAX, fp.INT32_MAX)
     return jnp.left_shift(x, _channels(s))
 
 
@@ -119,7 +117,7 @@ class Plan:
 
         fast = self.backend.fast_layer(op, bias + correction("u8"))
         need = "u8" if fast else "s8"
-        if np.any(np.abs(bias + correction(need)) > INT32_MAX):
+        if np.any(np.abs(bias + correction(need)) > fp.INT32_MAX):
             op["saturate"] = True  # the corrected bias alone leaves int32
         if op["saturate"]:
             # Exact conv(value) first (it fits int32), then the saturating bias add.
@@ -207,7 +205,7 @@ class Backend:
 
     def max_pool(self, op, args, run):
         w, s, p = op["window"], op["strides"], op["padding"]
-        return jax.lax.reduce_window(args[0], jnp.int32(INT32_MIN), jax.lax.max,
+        return jax.lax.reduce_window(args[0], jnp.int32(fp.INT32_MIN), jax.lax.max,
                                      (1, w, w, 1), (1, s, s, 1),
                                      ((0, 0), (p, p), (p, p), (0, 0)))
 
@@ -252,7 +250,7 @@ class VnniBackend(Backend):
 
     def fast_layer(self, op, bias_u8):
         return (op["op"] == "conv" and op["groups"] == 1 and not op["saturate"]
-                and bool(np.all(np.abs(bias_u8) <= INT32_MAX)))
+                and bool(np.all(np.abs(bias_u8) <= fp.INT32_MAX)))
 
     def pack(self, w, bias):
         packed, cp, cop = vnni.pack_weight(w)

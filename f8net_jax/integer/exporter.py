@@ -31,9 +31,8 @@ from f8net_jax import fixed_point as fp
 from f8net_jax.integer.program import IntegerProgram
 from f8net_jax.models import common
 
-INT32_MAX = 2 ** 31 - 1
 FLOAT_EXACT = 2 ** 24
-UNSIGNED, SIGNED = (0, 255), (-127, 127)
+UNSIGNED, SIGNED = fp.integer_range(signed=False), fp.integer_range(signed=True)
 
 
 def _quant_config(config) -> layers.QuantConfig:
@@ -57,7 +56,7 @@ def _magnitude(lo, hi) -> int:
 
 
 def _int32(bounds):
-    return np.clip(bounds, -INT32_MAX, INT32_MAX)
+    return np.clip(bounds, -fp.INT32_MAX, fp.INT32_MAX)
 
 
 def _check(name: str, op: str, bound: int, partial: int = 0) -> dict:
@@ -65,7 +64,7 @@ def _check(name: str, op: str, bound: int, partial: int = 0) -> dict:
     (``partial``: of the product sums before the bias), float32 exactness, int32 safety."""
     return {"layer": name, "op": op, "accumulator_bound": int(bound),
             "float32_exact": bool(max(bound, partial) < FLOAT_EXACT),
-            "int32_safe": bool(bound <= INT32_MAX)}
+            "int32_safe": bool(bound <= fp.INT32_MAX)}
 
 
 class _Builder:
@@ -151,7 +150,7 @@ class _Builder:
         raw_hi, raw_lo = hi_in * pos + lo_in * neg, lo_in * pos + hi_in * neg
         lo, hi = raw_lo + bias, raw_hi + bias
         bound, raw = _magnitude(lo, hi), _magnitude(raw_lo, raw_hi)
-        saturate = bound > INT32_MAX
+        saturate = bound > fp.INT32_MAX
         self.arrays[f"{name}/weight"] = q_w.astype(np.int8)
         self.arrays[f"{name}/bias"] = bias.astype(np.int32)
         in_fl = int(t["fraclen"][0])
@@ -168,16 +167,17 @@ class _Builder:
         entry = self.layer(name)
         w_fl = np.broadcast_to(np.asarray(entry["weight_fraclen"], np.int64), (channels,))
         in_fl = int(entry["input_fraclen"])
-        w = np.asarray(weight, np.float32)
-        # As fp.quantize: x * 2^fl is exact in float32, round half to even, saturate.
-        q_w = np.clip(np.round(w * np.exp2(w_fl).astype(np.float32)), -127, 127)
+        # The simulation's own quantizer, then its integers (value * 2^fl, exact).
+        value = fp.quantize(jnp.asarray(weight, jnp.float32), jnp.asarray(w_fl, jnp.float32),
+                            signed=True, axis=-1, wide=True)
+        q_w = np.asarray(value, np.float64) * np.exp2(w_fl.astype(np.float64))
         acc_fl = in_fl + w_fl
         b = np.asarray(entry["bias"], np.float64) * np.exp2(acc_fl.astype(np.float64))
         if not np.array_equal(b, np.round(b)):
             raise ValueError(f"{name}: the reported bias is not on the accumulator's grid")
         # The simulation saturates the bias in float32, where 2^31 - 1 rounds to 2^31: such
         # a bias is recorded (the layer then cannot match the simulation exactly anyway).
-        saturated = bool(np.any(np.abs(b) > INT32_MAX))
+        saturated = bool(np.any(np.abs(b) > fp.INT32_MAX))
         return q_w, _int32(b).astype(np.int64), w_fl, saturated
 
     def conv(self, name: str, src: str, *, strides: int, depthwise: bool = False) -> str:
@@ -208,7 +208,7 @@ class _Builder:
         bound = _magnitude(lo, hi)
         self.ops.append({"op": "add", "name": name, "in": [a, b], "out": name,
                          "shift": [[int(v) for v in sa], [int(v) for v in sb]],
-                         "relu": relu, "saturate": bound > INT32_MAX,
+                         "relu": relu, "saturate": bound > fp.INT32_MAX,
                          "check": _check(name, "add", bound)})
         lo, hi = _int32(lo), _int32(hi)
         if relu:
@@ -227,7 +227,7 @@ class _Builder:
         lo, hi = lo * window, hi * window
         bound = _magnitude(lo, hi)
         self.ops.append({"op": "avg_pool", "name": name, "in": [src], "out": name,
-                         "shift": shift, "window": window, "saturate": bound > INT32_MAX,
+                         "shift": shift, "window": window, "saturate": bound > fp.INT32_MAX,
                          "check": _check(name, "avg_pool", bound)})
         return self._tensor(name, "int32", self.fraclen(src) + shift, _int32(lo),
                             _int32(hi))
