@@ -5,12 +5,26 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from f8net_jax import recording
-from f8net_jax.layers import QuantConfig
+from f8net_jax.layers import QuantConfig, QuantDense
 
 
 def stem_input_kind(quant: QuantConfig) -> str:
     """Pixels p in [0, 255] enter as p at fl 8 ('image'); a normalized image is signed."""
     return "signed" if quant.normalized_input else "image"
+
+
+def is_identity(strides: int, in_features: int, features: int) -> bool:
+    """Whether a block's shortcut is the identity: same shape in and out. Its output then
+    continues the input's clipping chain."""
+    return strides == 1 and in_features == features
+
+
+def make_classifier(in_features: int, num_classes: int, quant: QuantConfig, starts_chain: bool):
+    """The classifier: owns its clipping level where its input starts a chain, or always
+    unless ``share_classifier_alpha`` (METHOD.md 8.7)."""
+    return QuantDense(in_features, num_classes, quant,
+                      owns_alpha=starts_chain or not quant.share_classifier_alpha,
+                      name="classifier")
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

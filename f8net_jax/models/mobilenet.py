@@ -15,9 +15,9 @@ from __future__ import annotations
 import flax.linen as nn
 
 from f8net_jax import recording
-from f8net_jax.layers import (QuantConfig, QuantConvBN, QuantDense, Reader,
+from f8net_jax.layers import (QuantConfig, QuantConvBN, Reader,
                               global_average_pool, relu, residual_add, run_readers, scale_plan)
-from f8net_jax.models.common import prepare_image, stem_input_kind
+from f8net_jax.models.common import is_identity, make_classifier, prepare_image, stem_input_kind
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -25,12 +25,6 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     (torchvision's rule for width multipliers)."""
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded
-
-
-def _classifier(in_features, num_classes, quant, starts_chain):
-    return QuantDense(in_features, num_classes, quant,
-                      owns_alpha=starts_chain or not quant.share_classifier_alpha,
-                      name="classifier")
 
 
 class MobileNetV1(nn.Module):
@@ -59,7 +53,7 @@ class MobileNetV1(nn.Module):
                                        name=f"layer{i + 1}_depthwise"))
             readers.append(QuantConvBN(channels, width(out), 1, q, name=f"layer{i + 1}_pointwise"))
             channels = width(out)
-        classifier = _classifier(channels, self.num_classes, q, starts_chain=True)
+        classifier = make_classifier(channels, self.num_classes, q, starts_chain=True)
         alphas, scales = scale_plan([*readers, classifier])
         for i, layer in enumerate(readers):
             x = layer(x, alpha=alphas[i], out_scale=scales[i + 1], train=train)
@@ -87,7 +81,7 @@ class InvertedResidual(Reader, nn.Module):
 
     @property
     def identity(self) -> bool:
-        return self.strides == 1 and self.in_features == self.features
+        return is_identity(self.strides, self.in_features, self.features)
 
     def setup(self):
         q, hidden = self.quant, int(round(self.in_features * self.expand_ratio))
@@ -147,7 +141,7 @@ class MobileNetV2(nn.Module):
         last = make_divisible(1280 * max(1.0, w))
         tail = QuantConvBN(channels, last, 1, q, input_kind="signed", owns_alpha=starts_chain,
                            name="tail")
-        classifier = _classifier(last, self.num_classes, q, starts_chain=True)
+        classifier = make_classifier(last, self.num_classes, q, starts_chain=True)
         alphas, scales = scale_plan([stem, *blocks, tail, classifier])
         x = relu(stem(x, alpha=alphas[0], out_scale=scales[1], train=train))
         for i, block in enumerate(blocks):

@@ -17,10 +17,10 @@ from typing import Sequence
 import flax.linen as nn
 
 from f8net_jax import recording
-from f8net_jax.layers import (QuantConfig, QuantConvBN, QuantDense, Reader,
+from f8net_jax.layers import (QuantConfig, QuantConvBN, Reader,
                               global_average_pool, max_pool, relu, residual_add, run_readers,
                               scale_plan)
-from f8net_jax.models.common import prepare_image, stem_input_kind
+from f8net_jax.models.common import is_identity, make_classifier, prepare_image, stem_input_kind
 
 
 class ResidualBlock(Reader, nn.Module):
@@ -41,7 +41,7 @@ class ResidualBlock(Reader, nn.Module):
     @property
     def identity(self) -> bool:
         """True if the shortcut is the identity (the output continues the input's chain)."""
-        return self.strides == 1 and self.in_features == self.features
+        return is_identity(self.strides, self.in_features, self.features)
 
     def setup(self):
         q = self.quant
@@ -101,10 +101,7 @@ class ResNet(nn.Module):
                 starts_chain = not block.identity
                 channels = width * expansion
                 blocks.append(block)
-        classifier = QuantDense(channels, self.num_classes, q,
-                                owns_alpha=starts_chain or not q.share_classifier_alpha,
-                                name="classifier")
-        return stem, blocks, classifier
+        return stem, blocks, make_classifier(channels, self.num_classes, q, starts_chain)
 
     @property
     def total_stride(self) -> int:
