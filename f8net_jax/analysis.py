@@ -5,13 +5,12 @@
 * ``optimal_fraclen``, ``rule_constant``, ``low_error_range``: the staircase of best
   formats, the constant c of the rule fl = floor(log2(c / sigma)) fitted to it, and the
   sigmas for which the best format stays under an error level;
-* ``layer_formats``, ``load_workdir``: what a trained model chose, per layer.
+* ``layer_formats``: what a trained model chose, per layer (``checkpoints.load_workdir``
+  loads one).
 """
 
 import functools
-import json
-import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import flax
 import jax
@@ -102,27 +101,3 @@ def layer_formats(model, variables, image_shape, collections=("formats",)) -> di
             table.setdefault("/".join(path[:-1]), {})[path[-1]] = (
                 value if value.ndim else float(value))
     return table
-
-
-def load_workdir(workdir: str, step: Optional[int] = None):
-    """(model, variables, config, image_shape) of a training workdir's latest (or given)
-    checkpoint."""
-    import ml_collections
-    from f8net_jax import checkpoints, train
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{workdir} holds no config.json: not a training workdir")
-    config = ml_collections.ConfigDict(json.load(open(path)))
-    if step is None:
-        restored, step = checkpoints.restore_latest(workdir, move_aside=False)
-        if restored is None:
-            raise FileNotFoundError(f"{workdir} holds no checkpoint")
-    else:
-        restored = checkpoints.restore(workdir, step)
-    num_classes = np.asarray(restored["params"]["classifier"]["bias"]).shape[0]
-    model = train.create_model(config, num_classes)
-    variables = {k: restored[k] for k in ("params", "batch_stats", "quant_stats")
-                 if k in restored}
-    channels = np.asarray(restored["params"]["stem"]["kernel"]).shape[2]
-    return model, variables, config, (config.image_size, config.image_size, channels)

@@ -167,3 +167,31 @@ def _move_aside(workdir: str, bad_steps: list) -> None:
 def _reason(e: Exception) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 300 else text[:300] + " ..."
+
+
+def load_workdir(workdir: str, step: Optional[int] = None):
+    """(model, variables, config, image_shape) of a training workdir's newest verified (or
+    given) checkpoint: the model rebuilt from its config.json, for evaluation."""
+    import ml_collections
+
+    from f8net_jax import models
+    from f8net_jax.quant_config import QuantConfig
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} holds no config.json: not a training workdir")
+    config = ml_collections.ConfigDict(json.load(open(path)))
+    if step is None:
+        restored, step = restore_latest(workdir, move_aside=False)
+        if restored is None:
+            raise FileNotFoundError(f"{workdir} holds no checkpoint")
+    else:
+        restored = restore(workdir, step)
+    num_classes = int(np.asarray(restored["params"]["classifier"]["bias"]).shape[0])
+    model = models.create(config.model, num_classes=num_classes,
+                          quant=QuantConfig.from_config(config.quant),
+                          width_multiplier=config.get("width_multiplier", 1.0))
+    variables = {k: restored[k] for k in ("params", "batch_stats", "quant_stats")
+                 if k in restored}
+    channels = np.asarray(restored["params"]["stem"]["kernel"]).shape[2]
+    return model, variables, config, (config.image_size, config.image_size, channels)

@@ -18,7 +18,7 @@ FILE is a ``.pth``/``.pt`` (read with torch, which is then needed; a checkpoint 
 configs/imagenet_<model>_{f8,fp}.py, adapted to the source (torchvision: float, no
 clipping, normalized input, no classifier rescaling). WORKDIR receives an orbax
 checkpoint at step 0 of the whole train state and config.json, as a training run would:
-``init_from``, ``analysis.load_workdir`` and the ``integer.export_program`` and
+``init_from``, ``checkpoints.load_workdir`` and the ``integer.export_program`` and
 ``integer.verify_program`` commands accept it, and ``f8net_jax.main`` continues training it.
 
 Everything is checked before anything is written: a key missing or left over, a wrong

@@ -22,10 +22,14 @@ flags.DEFINE_string("workdir", "workdirs/demo", "Where both runs keep their chec
 flags.DEFINE_string("dataset", "fashion_mnist_offline", "fashion_mnist_offline or mnist5k.")
 
 
-def _configs(dataset: str):
-    from configs import fashion_mnist_resnet20_f8, fashion_mnist_resnet20_fp
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
-    fp, f8 = fashion_mnist_resnet20_fp.get_config(), fashion_mnist_resnet20_f8.get_config()
+
+def _configs(dataset: str):
+    from f8net_jax.train import load_config_file
+
+    fp, f8 = (load_config_file(os.path.join(CONFIGS, f"fashion_mnist_resnet20_{mode}.py"))
+              for mode in ("fp", "f8"))
     for config in (fp, f8):
         config.dataset = dataset
     return fp, f8

@@ -40,7 +40,7 @@ def parse_flags(argv):
         sys.exit(f"f8net_jax: config file {e.filename!r} cannot be loaded: syntax error at "
                  f"line {e.lineno}: {e.msg}")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        from configs import default
+        from f8net_jax import defaults as default
 
         reference = default.get_config()
         for arg in argv[1:]:
@@ -50,7 +50,7 @@ def parse_flags(argv):
                 for part in path.split("."):
                     if not hasattr(node, "keys") or part not in node:
                         sys.exit(f"f8net_jax: config field {path!r} does not exist: see the "
-                                 f"fields of configs/default.py")
+                                 f"fields of f8net_jax/defaults.py")
                     node = node[part]
         sys.exit(f"f8net_jax: bad --config value: {e}")
 

@@ -84,7 +84,7 @@ FIELD_RANGES = {  # field: (test, what is allowed)
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the field, on values the run cannot use."""
-    from configs import default  # the reference set of fields
+    from f8net_jax import defaults as default  # the reference set of fields
 
     reference = default.get_config()
 
@@ -92,7 +92,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         for key in cfg.keys():
             if key not in ref:
                 raise ValueError(f"config field {prefix}{key!r} does not exist; the fields are "
-                                 f"{sorted(ref.keys())} (configs/default.py)")
+                                 f"{sorted(ref.keys())} (f8net_jax/defaults.py)")
             if isinstance(ref[key], ml_collections.ConfigDict):
                 walk(cfg[key], ref[key], f"{prefix}{key}.")
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from f8net_jax import analysis, convert, integer
+from f8net_jax import checkpoints, convert, integer
 from f8net_jax.integer.verification import verify
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def converted(tmp_path, source, model, state_name, seed=0):
                           f"--output={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    model_, variables, config, _ = analysis.load_workdir(str(tmp_path / "run"))
+    model_, variables, config, _ = checkpoints.load_workdir(str(tmp_path / "run"))
     return state, model_, variables, config, out
 
 

@@ -260,3 +260,16 @@ def test_stem_passes_the_gradient_to_every_pixel_and_keeps_pixels_exact():
     x_q, fl, _ = quantizer.apply({}, x, alpha=None, train=True)
     np.testing.assert_array_equal(np.asarray(x_q), x)
     assert float(fl) == 8.0
+
+
+def test_the_default_config_quant_block_holds_quant_config_defaults():
+    import dataclasses
+
+    from f8net_jax import defaults
+
+    block = dict(defaults.get_config().quant)
+    fields = {f.name: f.default for f in dataclasses.fields(QuantConfig)}
+    assert set(block) == set(fields) - {"batch_axis_name"}  # set by the training loop
+    for name, value in block.items():
+        assert tuple(value) == fields[name] if isinstance(value, (tuple, list)) \
+            else value == fields[name], name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from f8net_jax import analysis
+from f8net_jax import checkpoints
 from f8net_jax.integer.exporter import export
 from f8net_jax.integer.program import ACCUMULATING, IntegerProgram
 
@@ -17,7 +17,7 @@ def fail(message: str) -> None:
 
 def load_fixed_point(workdir: str):
     """(model, variables, config, image_shape) of a workdir's latest fixed-point checkpoint."""
-    model, variables, config, image_shape = analysis.load_workdir(workdir)
+    model, variables, config, image_shape = checkpoints.load_workdir(workdir)
     if config.quant.mode != "fixed":
         raise ValueError(f"{workdir} holds a float-mode (quant.mode={config.quant.mode!r}) "
                          f"checkpoint: integer inference needs a fixed-point one")
