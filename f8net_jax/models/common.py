@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 from f8net_jax import recording
-from f8net_jax.layers import QuantConfig, QuantDense
+from f8net_jax.layers import QuantConfig, QuantDense, Reader
 
 
 def stem_input_kind(quant: QuantConfig) -> str:
@@ -17,6 +18,28 @@ def is_identity(strides: int, in_features: int, features: int) -> bool:
     """Whether a block's shortcut is the identity: same shape in and out. Its output then
     continues the input's clipping chain."""
     return strides == 1 and in_features == features
+
+
+class Block(Reader, nn.Module):
+    """A block that reads one stream and writes one (a residual block, an inverted
+    residual). As a reader (see layers.scale_plan) it reads its input stream through its
+    first layer's quantizer, ``owns_alpha`` telling whether that stream starts a chain."""
+
+    in_features: int
+    features: int           # output channels
+    strides: int
+    owns_alpha: bool
+    quant: QuantConfig
+
+    @property
+    def identity(self) -> bool:
+        """True if the shortcut is the identity (the output continues the input's chain)."""
+        return is_identity(self.strides, self.in_features, self.features)
+
+    @property
+    def input(self):
+        """The quantizer of the block's input (its first layer's)."""
+        return self.first_layer().input
 
 
 def make_classifier(in_features: int, num_classes: int, quant: QuantConfig, starts_chain: bool):

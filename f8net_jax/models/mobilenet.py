@@ -15,9 +15,9 @@ from __future__ import annotations
 import flax.linen as nn
 
 from f8net_jax import recording
-from f8net_jax.layers import (QuantConfig, QuantConvBN, Reader,
-                              global_average_pool, relu, residual_add, run_readers, scale_plan)
-from f8net_jax.models.common import is_identity, make_classifier, prepare_image, stem_input_kind
+from f8net_jax.layers import (QuantConfig, QuantConvBN, global_average_pool, relu,
+                              residual_add, run_readers, scale_plan)
+from f8net_jax.models.common import Block, make_classifier, prepare_image, stem_input_kind
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -67,21 +67,12 @@ class MobileNetV1(nn.Module):
         return classifier(x, alpha=alphas[-1], input_factor=factor, train=train)
 
 
-class InvertedResidual(Reader, nn.Module):
+class InvertedResidual(Block):
     """Expand 1x1 (if expand_ratio > 1), depthwise 3x3, linear project 1x1; plus the input
-    when the shape is unchanged. A reader of its input stream (see layers.scale_plan)."""
+    when the shape is unchanged."""
 
-    in_features: int
-    features: int
-    strides: int
-    expand_ratio: int
-    signed_input: bool
-    owns_alpha: bool
-    quant: QuantConfig
-
-    @property
-    def identity(self) -> bool:
-        return is_identity(self.strides, self.in_features, self.features)
+    expand_ratio: int = 1
+    signed_input: bool = False
 
     def setup(self):
         q, hidden = self.quant, int(round(self.in_features * self.expand_ratio))
@@ -96,10 +87,8 @@ class InvertedResidual(Reader, nn.Module):
         layers.append(QuantConvBN(hidden, self.features, 1, q))
         self.layers = layers
 
-    @property
-    def input(self):
-        """The quantizer of the block's input (its first conv's): the reader interface."""
-        return self.layers[0].input
+    def first_layer(self):
+        return self.layers[0]
 
     def __call__(self, x, *, alpha, out_scale, train: bool):
         # The hidden layers read unsigned inputs: their quantizers apply the ReLU (clip).
@@ -132,7 +121,8 @@ class MobileNetV2(nn.Module):
         blocks, starts_chain = [], True
         for t, c, n, s in self.SETTING:
             for j in range(n):
-                block = InvertedResidual(channels, make_divisible(c * w), s if j == 0 else 1, t,
+                block = InvertedResidual(in_features=channels, features=make_divisible(c * w),
+                                         strides=s if j == 0 else 1, expand_ratio=t,
                                          signed_input=bool(blocks), owns_alpha=starts_chain,
                                          quant=q, name=f"block{len(blocks) + 1}")
                 starts_chain = not block.identity

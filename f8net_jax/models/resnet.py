@@ -17,31 +17,16 @@ from typing import Sequence
 import flax.linen as nn
 
 from f8net_jax import recording
-from f8net_jax.layers import (QuantConfig, QuantConvBN, Reader,
-                              global_average_pool, max_pool, relu, residual_add, run_readers,
-                              scale_plan)
-from f8net_jax.models.common import is_identity, make_classifier, prepare_image, stem_input_kind
+from f8net_jax.layers import (QuantConfig, QuantConvBN, global_average_pool, max_pool, relu,
+                              residual_add, run_readers, scale_plan)
+from f8net_jax.models.common import Block, make_classifier, prepare_image, stem_input_kind
 
 
-class ResidualBlock(Reader, nn.Module):
+class ResidualBlock(Block):
     """A basic block (two 3x3 convs) or a bottleneck (1x1, 3x3, 1x1 with 4x expansion);
-    output relu(body(x) + shortcut(x)).
+    output relu(body(x) + shortcut(x))."""
 
-    As a reader (see layers.scale_plan) it reads its input stream with ``owns_alpha``
-    telling whether that stream starts a new chain.
-    """
-
-    in_features: int
-    features: int           # output channels
-    strides: int
-    bottleneck: bool
-    owns_alpha: bool
-    quant: QuantConfig
-
-    @property
-    def identity(self) -> bool:
-        """True if the shortcut is the identity (the output continues the input's chain)."""
-        return is_identity(self.strides, self.in_features, self.features)
+    bottleneck: bool = False
 
     def setup(self):
         q = self.quant
@@ -63,10 +48,8 @@ class ResidualBlock(Reader, nn.Module):
             self.shortcut = QuantConvBN(self.in_features, self.features, 1, q,
                                         strides=self.strides, owns_alpha=False)
 
-    @property
-    def input(self):
-        """The quantizer of the block's input (its first conv's): the reader interface."""
-        return self.body[0].input
+    def first_layer(self):
+        return self.body[0]
 
     def __call__(self, x, *, alpha, out_scale, train: bool):
         y = run_readers(self.body, x, alpha=alpha, out_scale=out_scale, train=train)
@@ -95,9 +78,10 @@ class ResNet(nn.Module):
         blocks, channels, starts_chain = [], widths[0], True
         for i, (size, width) in enumerate(zip(self.stage_sizes, widths)):
             for j in range(size):
-                block = ResidualBlock(channels, width * expansion, 2 if i > 0 and j == 0 else 1,
-                                      self.bottleneck, owns_alpha=starts_chain, quant=q,
-                                      name=f"stage{i + 1}_block{j + 1}")
+                block = ResidualBlock(in_features=channels, features=width * expansion,
+                                      strides=2 if i > 0 and j == 0 else 1,
+                                      bottleneck=self.bottleneck, owns_alpha=starts_chain,
+                                      quant=q, name=f"stage{i + 1}_block{j + 1}")
                 starts_chain = not block.identity
                 channels = width * expansion
                 blocks.append(block)
