@@ -78,6 +78,7 @@ def rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_launcher_records_resumes_and_never_reruns_a_finished_run(tmp_path):
     results = tmp_path / "results.csv"
     out = launch(tmp_path, "--settings=fp,f8_no_sharing", f"--results={results}")

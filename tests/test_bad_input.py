@@ -143,7 +143,7 @@ def tiny_config(**overrides):
     return config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A workdir with checkpoints at steps 2 and 4 and its final state."""
     workdir = str(tmp_path_factory.mktemp("trained") / "run")
@@ -339,7 +339,7 @@ def test_init_from_checks_every_variable(trained, tmp_path, edit, match):
 # Integer programs whose graph does not fit their arrays.
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def program():
     import flax
     import jax.numpy as jnp

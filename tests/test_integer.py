@@ -68,7 +68,9 @@ CASES = [
     ("resnet20", 16, QuantConfig(normalized_input=True, clipping=False, format_rule="grid"), 3,
      1.0),
     ("mobilenet_v1", 32, QuantConfig(), 3, 0.25),
-    ("mobilenet_v2", 32, QuantConfig(granularity="channel", share_classifier_alpha=True), 3, 0.25),
+    pytest.param("mobilenet_v2", 32, QuantConfig(granularity="channel",
+                                                 share_classifier_alpha=True), 3, 0.25,
+                 marks=pytest.mark.slow),
     ("resnet20", 16, QuantConfig(wide_fraclen=True, share_alpha=False), 1, 1.0),
     pytest.param("resnet18", 32, QuantConfig(granularity="channel"), 3, 1.0,
                  marks=pytest.mark.slow),
@@ -126,9 +128,10 @@ def _every_architecture():
 
 
 @pytest.mark.parametrize("name, size, width", [
-    # The deeper ResNets reuse the blocks of ResNet-20: they are audited in the slow suite.
+    # The deeper ResNets reuse the blocks of ResNet-20, MobileNet V2 those of V1 and of the
+    # residual add: they are audited in the slow suite.
     pytest.param(*a, marks=pytest.mark.slow) if a[0] in ("resnet18", "resnet34", "resnet50",
-                                                         "resnet56") else a
+                                                         "resnet56", "mobilenet_v2") else a
     for a in _every_architecture()], ids=[a[0] for a in _every_architecture()])
 def test_audit_finds_no_float_no_wide_multiply_no_division(name, size, width):
     quant = QuantConfig(granularity="channel" if name.endswith("0") else "layer")
@@ -316,7 +319,7 @@ def test_jax_export_serializes_the_executor_for_a_fixed_batch():
 # The commands, on a trained smoke run.
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smoke_workdir(tmp_path_factory):
     from configs import smoke
     workdir = str(tmp_path_factory.mktemp("integer") / "smoke")
@@ -329,6 +332,7 @@ def _run(*args):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.xdist_group("smoke_workdir")
 def test_export_and_verify_commands_on_a_trained_run(smoke_workdir, tmp_path):
     out = str(tmp_path / "exported" / "smoke")
     result = _run("f8net_jax.integer.export_program", f"--workdir={smoke_workdir}", f"--output={out}",
@@ -352,6 +356,7 @@ def test_export_and_verify_commands_on_a_trained_run(smoke_workdir, tmp_path):
     assert re.search(r"intermediates: (\d+)/\1 tensor comparisons exact", result.stdout)
 
 
+@pytest.mark.xdist_group("smoke_workdir")
 def test_commands_fail_cleanly_on_bad_workdirs(smoke_workdir, tmp_path):
     float_dir = str(tmp_path / "float")
     shutil.copytree(smoke_workdir, float_dir)
@@ -378,6 +383,7 @@ def test_commands_fail_cleanly_on_bad_workdirs(smoke_workdir, tmp_path):
     assert not os.path.exists(out + ".json") and not os.path.exists(out + ".npz")
 
 
+@pytest.mark.xdist_group("smoke_workdir")
 def test_export_into_a_folder_writes_the_model_name_inside(smoke_workdir, tmp_path):
     folder = tmp_path / "programs"
     result = _run("f8net_jax.integer.export_program", f"--workdir={smoke_workdir}",

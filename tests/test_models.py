@@ -143,6 +143,7 @@ def test_gradients_reach_every_kernel_batchnorm_and_alpha(resnet20_fixed):
     assert not dead, f"no gradient reaches {dead}"
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_gradients_reach_every_alpha():
     model = models.create("mobilenet_v2", num_classes=10, quant=FIXED, width_multiplier=0.35)
     x = images(4, 32)

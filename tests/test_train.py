@@ -120,6 +120,7 @@ def make_data(config):
     return data_lib.create(config, local_devices=jax.local_device_count())
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint_with_the_same_data_order(tmp_path):
     config = small_config()
     straight = str(tmp_path / "straight")
