@@ -31,10 +31,19 @@ def run_script(args, env=None, timeout=600):
     return out
 
 
+@pytest.mark.xdist_group("cpu_devices")  # one multi-device process at a time
 @pytest.mark.parametrize("mode", ["float", pytest.param("fixed", marks=pytest.mark.slow)])
 def test_pmap_over_four_devices_matches_one_device(mode):
-    out = run_script(["tests/scripts/pmap_equivalence.py", mode],
-                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    env = {**os.environ, "PYTHONPATH": str(ROOT),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    for attempt in range(2):
+        out = subprocess.run([sys.executable, "tests/scripts/pmap_equivalence.py", mode],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        # XLA:CPU's own stall of 4 devices on a busy 2-core machine (f8net_jax/runtime.py)
+        # ends the process at a collective; it says nothing of our step: run once more.
+        if out.returncode == 0 or "rendezvous" not in out.stderr:
+            break
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["devices"] == 4 and report["params_moved"] > 1e-3
     for step in report["steps"]:
@@ -71,6 +80,7 @@ def test_several_cpu_devices_compute_on_their_own_threads_and_wait_longer():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("cpu_devices")
 def test_a_device_a_minute_and_a_half_late_does_not_abort_the_process():
     # XLA's own limit aborts after about a minute.
     out = run_script(["tests/scripts/late_device.py", "90"],
