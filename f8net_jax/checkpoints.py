@@ -145,10 +145,7 @@ def restore_latest(workdir: str, target: Any = None, move_aside: bool = True):
 
 
 def _move_aside(workdir: str, bad_steps: list) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("f8net_jax: checkpoints verified")
+    _sync("f8net_jax: checkpoints verified")  # nobody reads what process 0 moves
     if jax.process_index() == 0:
         target_root = os.path.join(workdir, DAMAGED)
         os.makedirs(target_root, exist_ok=True)
@@ -158,10 +155,14 @@ def _move_aside(workdir: str, bad_steps: list) -> None:
                 target, n = os.path.join(target_root, f"{step}.{n}"), n + 1
             shutil.move(os.path.join(directory(workdir), str(step)), target)
             logging.warning("moved the checkpoint at step %d to %s", step, target)
+    _sync("f8net_jax: damaged checkpoints moved")
+
+
+def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("f8net_jax: damaged checkpoints moved")
+        multihost_utils.sync_global_devices(name)
 
 
 def _reason(e: Exception) -> str:

@@ -114,7 +114,7 @@ class InputQuantizer(nn.Module):
         return self._scale(self.resolve(alpha), self.eval_fraclen())
 
     def _record(self, x, x_q) -> None:
-        layer = "/".join(str(p) for p in self.scope.path[:-1])  # the layer it belongs to
+        layer = recording.module_path(self, up=1)  # the layer it belongs to
         recording.emit("input", [x], x_q, reader=layer, layer=layer, signed=self.signed)
 
     def __call__(self, x, *, alpha, train: bool):

@@ -19,9 +19,6 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-KINDS = ("image", "input", "conv", "dense", "relu", "add", "max_pool", "avg_pool")
-
-
 @dataclasses.dataclass
 class Event:
     kind: str
@@ -58,10 +55,6 @@ class Recorder:
 _state = threading.local()
 
 
-def active() -> bool:
-    return getattr(_state, "recorder", None) is not None
-
-
 def emit(kind: str, inputs, output, reader: str = "", **attrs) -> None:
     """Appends an event when a record is being made; nothing otherwise."""
     recorder = getattr(_state, "recorder", None)
@@ -69,15 +62,16 @@ def emit(kind: str, inputs, output, reader: str = "", **attrs) -> None:
         recorder.add(kind, inputs, output, reader or kind, **attrs)
 
 
-def module_path(module) -> str:
-    """'stage1_block1/body_0': the names of a bound module's scope, as its collections
-    are keyed."""
-    return "/".join(str(p) for p in module.scope.path)
+def module_path(module, up: int = 0) -> str:
+    """'stage1_block1/body_0': the names of a bound module's scope (less the last ``up``),
+    as its collections are keyed."""
+    path = module.scope.path
+    return "/".join(str(p) for p in path[:len(path) - up])
 
 
 @contextlib.contextmanager
 def _recording():
-    if active():
+    if getattr(_state, "recorder", None) is not None:
         raise RuntimeError("a record is already being made in this thread")
     _state.recorder = Recorder()
     try:
