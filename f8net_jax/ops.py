@@ -27,11 +27,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import glob
 import os
-import platform
-import subprocess
-import sys
 from typing import Optional
 
 import jax
@@ -104,47 +100,12 @@ class Precision:
 # Finding and building oneDNN.
 
 
-def _onednn_roots() -> list[str]:
-    """Prefixes holding include/oneapi/dnnl/dnnl.hpp and lib*/libdnnl.so, in order:
-    $ONEDNN_ROOT, this Python's prefix (pip's onednn-devel), the system (/usr)."""
-    roots = [os.environ.get("ONEDNN_ROOT", ""), sys.prefix, "/usr/local", "/usr"]
-    return [r for r in roots if r and os.path.exists(os.path.join(
-        r, "include", "oneapi", "dnnl", "dnnl.hpp"))]
-
-
-def _library_dir(root: str) -> Optional[str]:
-    for pattern in ("lib", "lib64", "lib/*-linux-gnu"):
-        for d in glob.glob(os.path.join(root, pattern)):
-            if glob.glob(os.path.join(d, "libdnnl.so*")):
-                return d
-    return None
-
-
 @functools.lru_cache(maxsize=None)
 def _load():
     """(library, None) once the oneDNN handlers are registered, else (None, reason)."""
     if os.environ.get("F8NET_JAX_NO_ONEDNN"):
         return None, "disabled by F8NET_JAX_NO_ONEDNN"
-    if platform.machine() not in ("x86_64", "AMD64", "aarch64"):
-        return None, f"no oneDNN build for {platform.machine()}"
-    reasons = []
-    for root in _onednn_roots():
-        libdir = _library_dir(root)
-        if libdir is None:
-            reasons.append(f"{root}: headers but no libdnnl.so")
-            continue
-        flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-                 "-I", os.path.join(root, "include")]
-        libs = [f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-ldnnl"]
-        try:
-            return native.load(native.build(SOURCE, "train_onednn", flags, libs),
-                               TARGETS), None
-        except (OSError, subprocess.CalledProcessError, AttributeError) as e:
-            reasons.append(f"{root}: {native.failure(e)}")
-    if not reasons:
-        return None, ("oneDNN not found (install Debian's libdnnl-dev, or set ONEDNN_ROOT "
-                      "to a prefix with include/oneapi/dnnl and lib/libdnnl.so)")
-    return None, "; ".join(reasons)
+    return native.build_with_onednn(SOURCE, "train_onednn", ["-O2"], TARGETS)
 
 
 def onednn_status() -> tuple[bool, str]:

@@ -17,14 +17,16 @@ import pytest
 
 from f8net_jax import fixed_point as fp
 from f8net_jax import integer, models, train
-from f8net_jax.integer import audit, executor, program as program_lib, verification, vnni
+from f8net_jax.integer import (audit, executor, onednn, program as program_lib, verification,
+                               vnni)
 from f8net_jax.integer.verification import verify
 from f8net_jax.layers import QuantConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKENDS = ["im2col"] + (["xla", "vnni"] if jax.default_backend() == "cpu" else [])
-if "vnni" in BACKENDS and not vnni.available()[0]:
-    BACKENDS.remove("vnni")
+BACKENDS = ["im2col"] + (["xla", "vnni", "onednn"] if jax.default_backend() == "cpu" else [])
+for _name, _available in executor.KERNEL_BACKENDS.items():
+    if _name in BACKENDS and not _available()[0]:
+        BACKENDS.remove(_name)
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
@@ -212,7 +214,7 @@ def test_vnni_kernel_builds_on_cpus_that_have_the_instructions():
         pytest.skip("JAX computes on an accelerator here")
     ok, why = vnni.available()
     assert ok, why
-    assert executor.default_backend() == "vnni"
+    assert executor.default_backend() == ("onednn" if onednn.available()[0] else "vnni")
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (2, 9, 11, 5), dtype=np.uint8)   # odd sizes, 5 channels
     w = rng.integers(-127, 128, (3, 3, 5, 40), dtype=np.int8)  # 40 outputs: padded to 48
@@ -225,6 +227,77 @@ def test_vnni_kernel_builds_on_cpus_that_have_the_instructions():
     ref = sum(xi[:, i:i + 9:2, j:j + 11:2, :] @ w[i, j].astype(np.int64)
               for i in range(3) for j in range(3)) + b
     np.testing.assert_array_equal(np.asarray(y), ref)
+
+
+def _reference_conv(x, w, strides, padding, groups):
+    """Exact int64 convolution (NHWC, HWIO) by numpy."""
+    n, h, wd, c = x.shape
+    k, _, cg, o = w.shape
+    xi = np.pad(x.astype(np.int64), ((0, 0), (padding,) * 2, (padding,) * 2, (0, 0)))
+    oh, ow = (h + 2 * padding - k) // strides + 1, (wd + 2 * padding - k) // strides + 1
+    out = np.zeros((n, oh, ow, o), np.int64)
+    og = o // groups
+    for g in range(groups):
+        xs = xi[..., g * cg:(g + 1) * cg]
+        for i in range(k):
+            for j in range(k):
+                patch = xs[:, i:i + (oh - 1) * strides + 1:strides,
+                           j:j + (ow - 1) * strides + 1:strides, :]
+                out[..., g * og:(g + 1) * og] += patch @ w[i, j, :, g * og:(g + 1) * og].astype(
+                    np.int64)
+    return out
+
+
+# (batch, size, in channels, out channels, kernel, stride, padding, groups): a plain 3x3,
+# a strided one with odd sizes, a 1x1 projection, a depthwise one, a 7x7 stem on 3 channels
+# and one whose sums pass 2^24 (where a float32 step would round).
+ONEDNN_CONVS = [(2, 9, 64, 64, 3, 1, 1, 1), (3, 13, 24, 40, 3, 2, 1, 1),
+                (2, 8, 32, 48, 1, 2, 0, 1), (2, 9, 96, 96, 3, 1, 1, 96),
+                (2, 12, 3, 16, 7, 2, 3, 1), (1, 5, 600, 32, 3, 1, 0, 1)]
+
+
+@pytest.mark.parametrize("case", ONEDNN_CONVS, ids=lambda c: "x".join(map(str, c)))
+def test_onednn_int8_conv_is_the_exact_integer_sum(case):
+    ok, why = onednn.available()
+    if not ok:
+        pytest.skip(f"oneDNN int8 kernels unavailable: {why}")
+    n, size, c, o, k, s, p, g = case
+    rng = np.random.default_rng(sum(case))
+    x = rng.integers(0, 256, (n, size, size, c), dtype=np.uint8)
+    w = rng.integers(-127, 128, (k, k, c // g, o), dtype=np.int8)
+    if c >= 600:  # every sum above 2^24 and odd: 255 * (127 * fan-in - 1)
+        x[:], w[:] = 255, 127
+        w[0, 0, 0, :] = 126
+    geometry = onednn.layer("conv", batch=1, height=size, width=size, in_channels=c,
+                            out_channels=o, kernel_size=k, strides=s, padding=p, groups=g,
+                            signed=False)
+    packed = jnp.asarray(onednn.pack_weight(w, geometry))
+    fn = jax.jit(lambda x, w: onednn.conv(x, w, kernel_size=k, strides=s, padding=p,
+                                          groups=g, out_channels=o))
+    ref = _reference_conv(x, w, s, p, g)
+    if c >= 600:
+        assert ref.min() > 2 ** 24 and np.all(ref % 2 == 1)
+    np.testing.assert_array_equal(np.asarray(fn(jnp.asarray(x), packed)), ref)
+    jaxpr = jax.make_jaxpr(fn)(jnp.asarray(x), packed)
+    assert audit.audit(jaxpr) == []
+    assert onednn.implementation(geometry)  # oneDNN names the primitive it runs
+
+
+def test_onednn_int8_dense_is_exact_and_packed_weights_must_match_the_layer():
+    ok, why = onednn.available()
+    if not ok:
+        pytest.skip(f"oneDNN int8 kernels unavailable: {why}")
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (5, 1200), dtype=np.uint8)
+    w = rng.integers(-127, 128, (1200, 100), dtype=np.int8)
+    x[0], w[:, 0] = 255, 127  # one sum of 255 * 127 * 1200 > 2^24
+    packed = onednn.pack_weight(w, onednn.layer("dense", batch=1, in_channels=1200,
+                                                out_channels=100, signed=False))
+    y = onednn.dense(jnp.asarray(x), jnp.asarray(packed), out_channels=100)
+    np.testing.assert_array_equal(np.asarray(y), x.astype(np.int64) @ w.astype(np.int64))
+    with pytest.raises(Exception, match="packed weights do not match"):
+        jax.block_until_ready(onednn.dense(jnp.asarray(x[:, :600]),
+                                           jnp.asarray(packed), out_channels=100))
 
 
 def test_saturating_add_clips_instead_of_wrapping():

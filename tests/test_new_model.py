@@ -83,7 +83,7 @@ def test_a_new_network_trains_exports_and_runs_bit_exact_with_no_exporter_change
                     variables, images)
     assert report.exact, (report.tensors_differing, report.max_logit_diff)
     assert report.tensors_compared >= 2 * 6 * len(images) // 8
-    for backend in ("im2col", "xla"):
+    for backend in sorted({"im2col", "xla", integer.executor.default_backend()}):
         jaxpr = integer.Executor(program, backend=backend).jaxpr(batch_size=2)
         assert audit.audit(jaxpr) == [], backend
 

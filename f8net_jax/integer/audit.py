@@ -8,7 +8,9 @@ Walks every equation, nested jaxprs included (jit, custom rules, control flow), 
 * any custom call other than the known integer kernels: ``KERNELS`` names each one with
   the operands it multiplies (which must be 8-bit) and the result dtypes it may have (the
   kernel's source is then what multiplies: kernels/conv_u8s8.cc multiplies uint8 by int8
-  with vpdpbusd and adds int32).
+  with vpdpbusd and adds int32; kernels/int8_onednn.cc asks oneDNN for 8-bit x int8
+  products summed in int32 with no scale, zero point, bias or post-op, and its operand 1
+  is the int8 weights packed as bytes).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ MULTIPLIES = ("mul", "square", "integer_pow", "reduce_prod", "cumprod", "conv_ge
               "dot_general", "ragged_dot", "ragged_dot_general")
 DIVISIONS = ("div", "rem")
 # custom-call target: (indices of the multiplied operands, allowed result dtypes)
-KERNELS = {"f8net_conv_u8s8": ((0, 1), ("int32",))}
+KERNELS = {"f8net_conv_u8s8": ((0, 1), ("int32",)),
+           "f8net_int8_conv": ((0, 1), ("int32",)),
+           "f8net_int8_dense": ((0, 1), ("int32",))}
 
 
 def _dtype(var):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from f8net_jax import fixed_point as fp
-from f8net_jax.integer import vnni
+from f8net_jax.integer import onednn, vnni
 from f8net_jax.integer.program import ACCUMULATING, OPS, IntegerProgram
 
 
@@ -96,15 +96,16 @@ class Plan:
         self.code = {name: backend.storage(t["kind"]) if t["kind"] != "int32" else "s32"
                      for name, t in program.tensors.items()}
         self.ops, self.arrays = [], {}
+        spatial = _spatial_sizes(program)
         for op in program.ops:
             op = dict(op)
             if op["op"] in ACCUMULATING:
-                self._layer(op, program)
+                self._layer(op, program, spatial)
             elif op["op"] == "lookup":
                 self.arrays[op["table"]] = program.arrays[op["table"]]
             self.ops.append(op)
 
-    def _layer(self, op: dict, program: IntegerProgram) -> None:
+    def _layer(self, op: dict, program: IntegerProgram, spatial: dict) -> None:
         kind = program.tensors[op["in"][0]]["kind"]
         w = program.arrays[op["weight"]]
         bias = program.arrays[op["bias"]].astype(np.int64)
@@ -115,8 +116,7 @@ class Plan:
             # (|z * sum(w)| <= 128 * 127 * fan-in fits int32).
             return -_zero_point(kind, code) * wsum
 
-        fast = self.backend.fast_layer(op, bias + correction("u8"))
-        need = "u8" if fast else "s8"
+        fast, need = self.backend.choose(op, kind, lambda code: bias + correction(code))
         if np.any(np.abs(bias + correction(need)) > fp.INT32_MAX):
             op["saturate"] = True  # the corrected bias alone leaves int32
         if op["saturate"]:
@@ -125,14 +125,33 @@ class Plan:
         else:
             bias = bias + correction(need)
         op.update(need=need, pad_code=_zero_point(kind, need), fast=fast,
-                  weight_shape=w.shape)
+                  weight_shape=w.shape, in_spatial=spatial[op["in"][0]])
         key = op["name"]
         if fast:
-            weight, bias, extra = self.backend.pack(w, bias.astype(np.int32))
+            weight, bias, extra = self.backend.pack(op, w, bias.astype(np.int32))
             op.update(extra)
         else:
             weight = w
         self.arrays[f"{key}/weight"], self.arrays[f"{key}/bias"] = weight, bias.astype(np.int32)
+
+
+def _spatial_sizes(program: IntegerProgram) -> dict:
+    """(height, width) of every tensor of the program (the image's for the first ones)."""
+    sizes = {}
+    for op in program.ops:
+        if op["op"] in ("image", "lookup"):
+            size = tuple(program.image_shape[:2])
+        elif op["op"] in ("conv", "max_pool"):
+            k = (program.arrays[op["weight"]].shape[0] if op["op"] == "conv"
+                 else op["window"])
+            h, w = sizes[op["in"][0]]
+            size = tuple((d + 2 * op["padding"] - k) // op["strides"] + 1 for d in (h, w))
+        elif op["op"] in ("avg_pool", "dense"):
+            size = (1, 1)
+        else:
+            size = sizes[op["in"][0]]
+        sizes[op["out"]] = size
+    return sizes
 
 
 class Backend:
@@ -147,12 +166,15 @@ class Backend:
     def storage(self, kind: str) -> str:
         return "s8"
 
-    def fast_layer(self, op: dict, bias_u8) -> bool:
-        """Whether the layer runs on the backend's own kernel on uint8 input (then
-        ``pack`` lays its weight out)."""
-        return False
+    def choose(self, op: dict, kind: str, corrected_bias) -> tuple[bool, str]:
+        """(fast, need) for a conv or dense layer whose input has ``kind``: whether it runs
+        on the backend's own kernel (then ``pack`` lays its weight out), and the 8-bit code
+        its products take ('u8' or 's8'); ``corrected_bias(code)`` is the int64 bias
+        with that code's zero-point correction."""
+        return False, "s8"
 
-    def pack(self, w, bias):
+    def pack(self, op: dict, w, bias):
+        """(weight, bias, fields added to the op) for a fast layer."""
         raise NotImplementedError
 
     def table(self) -> dict:
@@ -248,11 +270,12 @@ class VnniBackend(Backend):
     def storage(self, kind):
         return "u8" if kind == "unsigned" else "s8"
 
-    def fast_layer(self, op, bias_u8):
-        return (op["op"] == "conv" and op["groups"] == 1 and not op["saturate"]
-                and bool(np.all(np.abs(bias_u8) <= fp.INT32_MAX)))
+    def choose(self, op, kind, corrected_bias):
+        fast = (op["op"] == "conv" and op["groups"] == 1 and not op["saturate"]
+                and bool(np.all(np.abs(corrected_bias("u8")) <= fp.INT32_MAX)))
+        return fast, ("u8" if fast else "s8")
 
-    def pack(self, w, bias):
+    def pack(self, op, w, bias):
         packed, cp, cop = vnni.pack_weight(w)
         padded = np.zeros(cop, np.int32)
         padded[:bias.size] = bias
@@ -270,7 +293,67 @@ class VnniBackend(Backend):
                          strides=op["strides"], out_channels=int(op["weight_shape"][3]))
 
 
-BACKENDS = {b.name: b for b in (VnniBackend(), XlaBackend(), Im2colBackend())}
+class OnednnBackend(Backend):
+    """Every conv (depthwise too) and the dense layer by oneDNN's int8 primitives (AMX int8
+    or VNNI, see onednn.py) on uint8 x int8 into int32: unsigned tensors are kept as
+    uint8, signed ones as int8 and offset to uint8 for the products (value + 128, the
+    correction -128 * sum(w) joins the bias), since oneDNN's int8-source path is exact
+    only below 2^24. The bias add and requantization run in XLA, in integers."""
+
+    name = "onednn"
+
+    def storage(self, kind):
+        return "u8" if kind == "unsigned" else "s8"
+
+    def choose(self, op, kind, corrected_bias):
+        return True, "u8"
+
+    def pack(self, op, w, bias):
+        geometry, padding = self._geometry(op, batch=1)
+        return onednn.pack_weight(w, geometry), bias, {"kernel_padding": padding}
+
+    @staticmethod
+    def _geometry(op, batch):
+        """The layer as the kernel sees it, and the padding oneDNN applies: oneDNN pads
+        with the code 0, which is the value 0 only for unsigned inputs; other inputs are
+        padded by the executor with their zero point's code."""
+        w = op["weight_shape"]
+        if op["op"] == "dense":
+            return onednn.layer("dense", batch=batch, in_channels=w[0], out_channels=w[1],
+                                signed=False), 0
+        (h, wd), p = op["in_spatial"], op["padding"]
+        padding = p if op["pad_code"] == 0 else 0
+        extra = 2 * (p - padding)
+        return onednn.layer("conv", batch=batch, height=h + extra, width=wd + extra,
+                            in_channels=w[2] * op["groups"], out_channels=w[3],
+                            kernel_size=w[0], strides=op["strides"], padding=padding,
+                            groups=op["groups"], signed=False), padding
+
+    def conv(self, op, args, run):
+        x, w, b, c = self._layer_inputs(op, args, run)
+        p, padding = op["padding"], op["kernel_padding"]
+        if p != padding:
+            x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)),
+                        constant_values=jnp.uint8(op["pad_code"]))
+        y = onednn.conv(x, w, kernel_size=int(op["weight_shape"][0]), strides=op["strides"],
+                        padding=padding, groups=op["groups"],
+                        out_channels=int(op["weight_shape"][3]))
+        return _bias_add(y, b, op["saturate"], c)
+
+    def dense(self, op, args, run):
+        x, w, b, c = self._layer_inputs(op, args, run)
+        y = onednn.dense(x, w, out_channels=int(op["weight_shape"][1]))
+        return _bias_add(y, b, op["saturate"], c)
+
+    def implementations(self, plan: "Plan", batch: int) -> dict:
+        """Per layer, the primitive oneDNN runs at this batch size."""
+        return {op["name"]: onednn.implementation(self._geometry(op, batch)[0])
+                for op in plan.ops if op["op"] in ACCUMULATING}
+
+
+BACKENDS = {b.name: b for b in (OnednnBackend(), VnniBackend(), XlaBackend(),
+                                Im2colBackend())}
+KERNEL_BACKENDS = {"onednn": onednn.available, "vnni": vnni.available}
 
 
 def plan(program: IntegerProgram, backend: str) -> Plan:
@@ -346,17 +429,22 @@ class _Run:
 
 
 def default_backend() -> str:
-    """'vnni' on a CPU whose kernel loads (see vnni.available), 'xla' on other CPUs,
-    'im2col' on GPUs and TPUs."""
+    """'onednn' on a CPU where oneDNN's int8 kernels load (see onednn.available), else
+    'vnni' where the AVX-512 VNNI kernel does, 'xla' on other CPUs, 'im2col' on GPUs and
+    TPUs."""
     if jax.default_backend() != "cpu":
         return "im2col"
-    return "vnni" if vnni.available()[0] else "xla"
+    for name, available in KERNEL_BACKENDS.items():
+        if available()[0]:
+            return name
+    return "xla"
 
 
 class Executor:
     """A compiled integer program: ``executor(images) -> int32 logits`` (at fraclen
     ``program.logits_fraclen``); ``executor.collect(images)`` also returns every tensor.
-    ``backend``: 'vnni' (the AVX-512 VNNI kernel for convolutions), 'xla' (XLA's int8
+    ``backend``: 'onednn' (oneDNN's int8 convolutions and inner product: AMX or VNNI),
+    'vnni' (the AVX-512 VNNI kernel for plain convolutions), 'xla' (XLA's int8
     convolution, CPU only), 'im2col' (int8 dot_general over patches, CPU and GPU) or None for
     ``default_backend()``."""
 
@@ -364,10 +452,10 @@ class Executor:
         program.validate()
         self.program = program
         self.backend = backend or default_backend()
-        if self.backend == "vnni":
-            ok, why = vnni.available()
+        if self.backend in KERNEL_BACKENDS:
+            ok, why = KERNEL_BACKENDS[self.backend]()
             if not ok:
-                raise ValueError(f"backend 'vnni' is not available: {why}")
+                raise ValueError(f"backend {self.backend!r} is not available: {why}")
         self.plan = plan(program, self.backend)
         self.arrays = {k: jnp.asarray(v) for k, v in self.plan.arrays.items()}
         self._run = jax.jit(functools.partial(_execute, program, self.plan, collect=False))
@@ -392,9 +480,9 @@ def serialize(program: IntegerProgram, batch_size: int, backend: str = "im2col")
     """The executor for a fixed batch of uint8 images, weights included, as a jax.export
     artifact (StableHLO, for CPU and CUDA); ``deserialize(data).call(images)`` returns the
     int32 logits. The default backend, 'im2col', uses no custom kernel and runs on both."""
-    if backend == "vnni":
-        raise ValueError("the 'vnni' backend calls a local kernel: serialize with 'im2col' "
-                         "or 'xla'")
+    if backend in KERNEL_BACKENDS:
+        raise ValueError(f"the {backend!r} backend calls a local kernel: serialize with "
+                         "'im2col' or 'xla'")
     platforms = ("cpu", "cuda") if backend == "im2col" else ("cpu",)  # no int8 conv on CUDA
     the_plan = plan(program, backend)
     arrays = {k: jnp.asarray(v) for k, v in the_plan.arrays.items()}
