@@ -28,7 +28,6 @@ import ctypes
 import dataclasses
 import functools
 import os
-from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from f8net_jax import fixed_point as fp
-from f8net_jax import integer, models, train
+from f8net_jax import integer, models
 from f8net_jax.integer import (audit, executor, onednn, program as program_lib, verification,
                                vnni)
 from f8net_jax.integer.verification import verify
@@ -390,14 +390,6 @@ def test_jax_export_serializes_the_executor_for_a_fixed_batch():
 
 # --------------------------------------------------------------------------------------
 # The commands, on a trained smoke run.
-
-
-@pytest.fixture(scope="session")
-def smoke_workdir(tmp_path_factory):
-    from configs import smoke
-    workdir = str(tmp_path_factory.mktemp("integer") / "smoke")
-    train.train_and_evaluate(smoke.get_config(), workdir)
-    return workdir
 
 
 def _run(*args):

@@ -1,11 +1,14 @@
 """Exports a training workdir's fixed-point model to an integer program.
 
-    python -m f8net_jax.integer.export_program --workdir=DIR --output=FILE [--jax_export_batch=N]
+    python -m f8net_jax.integer.export_program --workdir=DIR --output=FILE [--onnx]
+                                               [--jax_export_batch=N]
 
 writes FILE.json (op graph, formats, static checks) and FILE.npz (int8 weights, int32
-biases); with --jax_export_batch also FILE.jaxexport, the executor for batches of N uint8
-images serialized with jax.export (for CPU and CUDA). Nothing is written if the export
-fails.
+biases); with --onnx also FILE.onnx, the program as a QDQ ONNX graph for ONNX Runtime or
+OpenVINO (f8net_jax.integer.onnx_export; it names any op where a runtime's float32 sums
+might round); with --jax_export_batch also FILE.jaxexport, the executor for batches of N
+uint8 images serialized with jax.export (for CPU and CUDA). Nothing is written if the
+export fails.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import os
 import sys
 
-from f8net_jax.integer import cli
+from f8net_jax.integer import cli, onnx_export
 from f8net_jax.integer.executor import serialize
 from f8net_jax.integer.program import file_paths, save
 
@@ -26,6 +29,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", required=True, help="training workdir (fixed point)")
     parser.add_argument("--output", required=True, help="FILE: writes FILE.json and FILE.npz; "
                         "a folder (or a path ending in /): writes <model>.json/.npz in it")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write FILE.onnx (uint8 NCHW images in, float logits out)")
     parser.add_argument("--jax_export_batch", type=int, default=0,
                         help="also write FILE.jaxexport for batches of this many images")
     args = parser.parse_args(argv)
@@ -38,30 +43,42 @@ def main(argv=None) -> None:
                 args.workdir, "config.json")))["model"])
         except (OSError, ValueError, KeyError) as e:
             cli.fail(f"{args.workdir}: cannot read the model name from config.json ({e})")
-    artifact = os.path.splitext(file_paths(output)[0])[0] + ".jaxexport"
-    tmp = artifact + ".partial"
+    stem = os.path.splitext(file_paths(output)[0])[0]
+    extras = {".jaxexport": args.jax_export_batch > 0, ".onnx": args.onnx}
+    inexact = []
     try:
         _, variables, config, image_shape = cli.load_fixed_point(args.workdir)
         program = cli.export_loaded(variables, config, image_shape)
+        contents = {}
         if args.jax_export_batch:
-            os.makedirs(os.path.dirname(os.path.abspath(artifact)), exist_ok=True)
-            with open(tmp, "wb") as f:  # written aside first, renamed once the program is
-                f.write(serialize(program, args.jax_export_batch))
+            contents[".jaxexport"] = serialize(program, args.jax_export_batch)
+        if args.onnx:
+            contents[".onnx"] = onnx_export.to_onnx(program, warn=False).SerializeToString()
+            inexact = onnx_export.inexact_ops(program)
+        for suffix, data in contents.items():  # written aside, renamed after the program
+            os.makedirs(os.path.dirname(os.path.abspath(stem)) or ".", exist_ok=True)
+            with open(stem + suffix + ".partial", "wb") as f:
+                f.write(data)
         json_path, npz_path = save(program, output)
         written = [json_path, npz_path]
-        if args.jax_export_batch:
-            os.replace(tmp, artifact)
-            written.append(artifact)
-        elif os.path.exists(artifact):  # an older export's executor: it no longer matches
-            os.remove(artifact)
-            written.append(f"(removed the stale {artifact})")
+        for suffix, wanted in extras.items():
+            if wanted:
+                os.replace(stem + suffix + ".partial", stem + suffix)
+                written.append(stem + suffix)
+            elif os.path.exists(stem + suffix):  # an older export's: it no longer matches
+                os.remove(stem + suffix)
+                written.append(f"(removed the stale {stem + suffix})")
     except cli.ERRORS as e:
         cli.fail(str(e))
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for suffix in extras:
+            if os.path.exists(stem + suffix + ".partial"):
+                os.remove(stem + suffix + ".partial")
     for line in cli.describe(program):
         print(line)
+    if args.onnx:
+        print("onnx: exact in a runtime's float32 sums wherever they stay below 2^24; the "
+              "static check cannot rule out 2^24 for " + (", ".join(inexact) or "no op"))
     print("wrote " + ", ".join(written))
 
 

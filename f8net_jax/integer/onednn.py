@@ -20,7 +20,6 @@ import ctypes
 import functools
 import os
 import platform
-from typing import Optional
 
 import jax
 import jax.numpy as jnp

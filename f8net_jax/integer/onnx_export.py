@@ -104,7 +104,7 @@ class _Graph:
 
 
 def to_onnx(program: IntegerProgram, *, intermediates: bool = False,
-            warn: bool = True) -> "onnx.ModelProto":
+            warn: bool = True):
     """The program as an ONNX model (opset 17): input 'images', uint8 [N, C, H, W]; output
     'logits', float32 [N, classes] (exact: the program's int32 logits * 2^-fl where the
     runtime is exact, see the module docstring). ``intermediates``: every 8-bit tensor of

@@ -199,7 +199,7 @@ class IntegerProgram:
         elif kind == "requantize":
             expect_kind(inputs[0], src, ("int32",))
             expect_kind(out, dst, ("signed",) if op["signed"] else ("unsigned",))
-            expect(f"the length of 'shift'", (len(op["shift"]),), (src["channels"],))
+            expect("the length of 'shift'", (len(op["shift"]),), (src["channels"],))
             expect(f"the channels of {out!r}", (dst["channels"],), (src["channels"],))
         elif kind == "add":
             a, b = (self.tensors[n] for n in inputs)
