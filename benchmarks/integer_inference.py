@@ -1,89 +1,151 @@
-"""Inference throughput: the integer executor against float32 eval of the same model.
+"""Inference throughput: the integer executor against float32 eval of the same model and
+against ONNX Runtime and OpenVINO running the same network quantized to int8 by
+onnxruntime.quantization.
 
-    python benchmarks/integer_inference.py [--repeats 10] [--resnet18_batch 8]
-                                           [--resnet20_batch 128]
+    python benchmarks/integer_inference.py [--rounds 5] [--per_round 3] [--threads 2]
+                                           [--resnet18_batch 8] [--resnet20_batch 128]
 
-For ResNet-18 at 224x224 and ResNet-20 at 32x32 (ImageNet-style 1000 and 10 classes):
-initializes a fixed-point model, runs one training-mode forward so BatchNorm statistics
-and running formats are not at their initial values, exports it, and times on the same
-uint8 batch, after warm-up (compilation) and interleaved over ``repeats`` rounds:
-* integer: the jitted integer executor (8-bit operands, int32 accumulation) with the
-  default backend ('vnni' on a CPU with AVX-512 VNNI, 'im2col' on a GPU), and on such a
-  CPU also with the 'xla' backend (XLA's own int8 convolution);
-* float: the same model and parameters in float mode (float32 conv + BatchNorm), jitted
-  eval forward;
-* simulation: the fixed-point eval forward (fake quantization in float32), for reference.
-Reports the median images/s of each and, as its last line,
-`integer/float eval throughput ratio: R` for the ResNet-18 case.
+For ResNet-20 at 32x32 (10 classes) and ResNet-18 at 224x224 (1000 classes): a fixed-point
+model (PRNGKey(0), one training-mode forward so BatchNorm statistics and formats move) is
+exported to an integer program, and on the same uint8 batch, interleaved over ``rounds``
+rounds (runtimes.interleaved), these are timed:
+* integer (B): the jitted executor with each CPU kernel backend B that loads here
+  ('onednn': oneDNN's int8 primitives, the default; 'vnni': the hand-written AVX-512 VNNI
+  convolution);
+* float eval: the same model and parameters in float mode (float32 conv + BatchNorm, JAX);
+* onnxruntime float32: the exported network in float32 (``onnx_export.to_onnx(...,
+  quantized=False)``: the program's weights, BatchNorm folded);
+* onnxruntime int8 / openvino int8: that float32 model quantized by
+  onnxruntime.quantization.quantize_static (QDQ, per-channel int8 weights, uint8
+  activations, MinMax calibration on 16 other random images), run by ONNX Runtime's CPU
+  provider and by OpenVINO (default precision settings).
+ONNX engines get uint8 NCHW images, the executor uint8 NHWC (layout change not timed).
+Every engine runs with ``threads`` threads (ONNX Runtime intra-op, OpenVINO inference
+threads; JAX and oneDNN use the machine's cores). Then the same at batch 1 (latency), and
+for ResNet-18 the time of each oneDNN call of the executor alone (per layer) against the
+whole executor. Last lines:
+`integer/openvino int8 throughput ratio: R` and `integer/float eval throughput ratio: R`
+(ResNet-18, the default backend).
 """
 
 import argparse
-import dataclasses
-import statistics
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from f8net_jax import integer, layers, models
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import runtimes  # noqa: E402
+
+from f8net_jax import integer  # noqa: E402
+from f8net_jax.integer import executor as executor_lib, onednn  # noqa: E402
+from f8net_jax.integer.program import ACCUMULATING  # noqa: E402
 
 
-def _median_rate(fn, images, repeats):
-    jax.block_until_ready(fn(images))  # compile
-    jax.block_until_ready(fn(images))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(images))
-        times.append(time.perf_counter() - start)
-    return len(images) / statistics.median(times)
+def engines(case: runtimes.Case, threads: int):
+    fns, kinds = {}, {}
+    default = executor_lib.default_backend()
+    backends = [default] + [b for b, ok in executor_lib.KERNEL_BACKENDS.items()
+                            if b != default and ok()[0]]
+    for backend in backends:
+        fns[f"integer ({backend})"] = integer.Executor(case.program, backend=backend)
+        kinds[f"integer ({backend})"] = "nhwc"
+    fns["float eval (jax)"], kinds["float eval (jax)"] = runtimes.float_eval(case), "nhwc"
+    models = runtimes.onnx_models(case)
+    size = case.images.shape[1]
+    calibration = np.random.default_rng(1).integers(0, 256, (16, 3, size, size), np.uint8)
+    int8 = runtimes.ort_quantize_static(models["float32"], calibration)
+    fns["onnxruntime float32"] = runtimes.ort_engine(models["float32"], threads)
+    fns["onnxruntime int8"] = runtimes.ort_engine(int8, threads)
+    fns["openvino int8"] = runtimes.openvino_engine(int8, threads)
+    for name in ("onnxruntime float32", "onnxruntime int8", "openvino int8"):
+        kinds[name] = "nchw"
+    return fns, kinds, f"integer ({default})"
 
 
-def measure(name, size, channels, classes, batch, repeats):
-    quant = layers.QuantConfig(mode="fixed")
-    model = models.create(name, num_classes=classes, quant=quant)
-    float_model = models.create(name, num_classes=classes,
-                                quant=dataclasses.replace(quant, mode="float"))
+def per_layer(case: runtimes.Case, executor, total_ms: float) -> None:
+    """ms of each oneDNN call of the executor alone, at the benchmark's batch."""
+    batch = len(case.images)
+    backend = executor.plan.backend
+    rows, names = [], backend.implementations(executor.plan, batch)
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (batch, size, size, channels), dtype=np.uint8)
-    variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images)
-    _, updates = jax.jit(lambda v, x: model.apply(
-        v, x, train=True, mutable=["batch_stats", "quant_stats"]))(variables, images)
-    variables = {**variables, **updates}
-    program = integer.export(variables, name, {"quant": quant}, image_shape=images.shape[1:])
-    executor = integer.Executor(program)
-    float_vars = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-    float_eval = jax.jit(lambda x: float_model.apply(float_vars, x, train=False))
-    sim_eval = jax.jit(lambda x: model.apply(variables, x, train=False))
-    fns = {"integer": executor, "float": float_eval, "simulation": sim_eval}
-    if executor.backend == "vnni":  # XLA's own int8 convolution, for comparison
-        fns["integer (xla)"] = integer.Executor(program, backend="xla")
-    rates = {k: [] for k in fns}
-    images = jnp.asarray(images)
-    for _ in range(3):  # interleave so that machine noise hits every path alike
-        for k, fn in fns.items():
-            rates[k].append(_median_rate(fn, images, repeats))
-    rates = {k: max(v) for k, v in rates.items()}
-    xla = (f", integer with the xla backend {rates['integer (xla)']:.1f} img/s"
-           if "integer (xla)" in rates else "")
-    print(f"{name} {size}x{size} batch {batch}: integer ({executor.backend}) "
-          f"{rates['integer']:.1f} img/s, float {rates['float']:.1f} img/s, simulation "
-          f"{rates['simulation']:.1f} img/s{xla}, integer/float "
-          f"{rates['integer'] / rates['float']:.2f}")
-    return rates["integer"] / rates["float"]
+    for op in executor.plan.ops:
+        if op["op"] not in ACCUMULATING:
+            continue
+        w = executor.arrays[f"{op['name']}/weight"]
+        shape = op["weight_shape"]
+        if op["op"] == "conv":
+            h, wd = op["in_spatial"]
+            p = op["kernel_padding"]
+            extra = 2 * (op["padding"] - p)
+            x = rng.integers(0, 256, (batch, h + extra, wd + extra, shape[2] * op["groups"]),
+                             np.uint8)
+            fn = jax.jit(lambda x, w, op=op, p=p, shape=shape: onednn.conv(
+                x, w, kernel_size=int(shape[0]), strides=op["strides"], padding=p,
+                groups=op["groups"], out_channels=int(shape[3])))
+            oh = (h + 2 * op["padding"] - shape[0]) // op["strides"] + 1
+            ow = (wd + 2 * op["padding"] - shape[0]) // op["strides"] + 1
+            macs = batch * oh * ow * int(np.prod(shape))
+            what = f"{h}x{wd}x{shape[2] * op['groups']} k{shape[0]} s{op['strides']} -> {shape[3]}"
+        else:
+            x = rng.integers(0, 256, (batch, shape[0]), np.uint8)
+            fn = jax.jit(lambda x, w, shape=shape: onednn.dense(x, w,
+                                                                out_channels=int(shape[1])))
+            macs = batch * int(np.prod(shape))
+            what = f"{shape[0]} -> {shape[1]}"
+        x = jnp.asarray(x)
+        seconds = runtimes.interleaved({"layer": lambda x, fn=fn, w=w: fn(x, w)}, {"layer": x},
+                                       rounds=1, per_round=5)["layer"]
+        rows.append((op["name"], what, names[op["name"]], 1e3 * seconds, macs / seconds / 1e9))
+    print(f"  per layer, each oneDNN call alone at batch {batch}:")
+    for name, what, impl, ms, gmacs in rows:
+        print(f"    {name:28s} {what:28s} {impl:28s} {ms:7.2f} ms {gmacs:7.1f} GMAC/s")
+    layers_ms = sum(r[3] for r in rows)
+    print(f"  oneDNN calls {layers_ms:.1f} ms of the executor's {total_ms:.1f} ms; the rest "
+          f"(requantization, adds, pools, padding, recoding) {total_ms - layers_ms:.1f} ms "
+          f"({100 * (total_ms - layers_ms) / total_ms:.0f}%)")
+
+
+def measure(name, size, classes, batch, args):
+    case = runtimes.make_case(name, size, classes, batch)
+    fns, kinds, main = engines(case, args.threads)
+    rates = {}
+    for b in (batch, 1):
+        images = case.images[:b]
+        inputs = {k: jnp.asarray(images) if kinds[k] == "nhwc" else runtimes.nchw(images)
+                  for k in fns}
+        seconds = runtimes.interleaved(fns, inputs, args.rounds, args.per_round)
+        rates[b] = {k: b / s for k, s in seconds.items()}
+        print(f"{name} {size}x{size} batch {b} ({runtimes.machine()}):")
+        for k, s in seconds.items():
+            print(f"  {k:24s} {b / s:9.1f} img/s {1e3 * s:9.2f} ms/batch")
+    r = rates[batch]
+    print(f"  integer/float eval {r[main] / r['float eval (jax)']:.2f}, integer/openvino int8 "
+          f"{r[main] / r['openvino int8']:.2f}, integer/onnxruntime int8 "
+          f"{r[main] / r['onnxruntime int8']:.2f}, integer/onnxruntime float32 "
+          f"{r[main] / r['onnxruntime float32']:.2f}; batch-1 latency: "
+          + ", ".join(f"{k} {1e3 / v:.2f} ms" for k, v in rates[1].items()))
+    if name == "resnet18" and main == "integer (onednn)":
+        per_layer(case, fns[main], 1e3 * batch / r[main])
+    return r, main
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per_round", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resnet18_batch", type=int, default=8)
     parser.add_argument("--resnet20_batch", type=int, default=128)
     args = parser.parse_args()
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    measure("resnet20", 32, 3, 10, args.resnet20_batch, args.repeats)
-    ratio = measure("resnet18", 224, 3, 1000, args.resnet18_batch, args.repeats)
-    print(f"integer/float eval throughput ratio: {ratio:.2f}")
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; "
+          f"{runtimes.machine()}")
+    measure("resnet20", 32, 10, args.resnet20_batch, args)
+    r, main = measure("resnet18", 224, 1000, args.resnet18_batch, args)
+    print(f"machine after: {runtimes.machine()}")
+    print(f"integer/openvino int8 throughput ratio: {r[main] / r['openvino int8']:.2f}")
+    print(f"integer/float eval throughput ratio: {r[main] / r['float eval (jax)']:.2f}")
 
 
 if __name__ == "__main__":

@@ -68,8 +68,8 @@ def _name(tensor: str) -> str:
 
 
 class _Graph:
-    def __init__(self, onnx):
-        self.onnx, self.h = onnx, onnx.helper
+    def __init__(self, onnx, quantized: bool):
+        self.onnx, self.h, self.quantized = onnx, onnx.helper, quantized
         self.nodes, self.initializers, self.outputs = [], [], []
         self.count = 0
 
@@ -89,6 +89,18 @@ class _Graph:
         return self.node("DequantizeLinear", self._qparams(x, scale, dtype, name),
                          **self._axis(scale, axis))
 
+    def constant(self, values, scale, dtype, name: str, axis: int) -> str:
+        """An integer array at per-channel (``axis``) scale: int8/int32 with a
+        DequantizeLinear, or (float graphs) its float32 values."""
+        if self.quantized:
+            return self.dequantize(self.const(f"{name}/{np.dtype(dtype).name}",
+                                              values.astype(dtype)), scale, dtype, name, axis)
+        shape = [1] * values.ndim
+        if np.ndim(scale):
+            shape[axis] = -1
+        value = values.astype(np.float64) * np.reshape(scale, shape)
+        return self.const(f"{name}/float", value.astype(np.float32))
+
     def quantize(self, x: str, scale, dtype, out: str) -> str:
         """QuantizeLinear to ``dtype`` (zero point 0, channel axis 1), named ``out``."""
         return self.node("QuantizeLinear", self._qparams(x, scale, dtype, out), out,
@@ -103,12 +115,16 @@ class _Graph:
         return {} if np.ndim(scale) == 0 else {"axis": axis}
 
 
-def to_onnx(program: IntegerProgram, *, intermediates: bool = False,
-            warn: bool = True):
+def to_onnx(program: IntegerProgram, *, intermediates: bool = False, warn: bool = True,
+            quantized: bool = True):
     """The program as an ONNX model (opset 17): input 'images', uint8 [N, C, H, W]; output
     'logits', float32 [N, classes] (exact: the program's int32 logits * 2^-fl where the
     runtime is exact, see the module docstring). ``intermediates``: every 8-bit tensor of
-    the program is also an output, under its program name (NCHW, uint8 or int8 values)."""
+    the program is also an output, under its program name (NCHW, uint8 or int8 values).
+    ``quantized=False``: the same network in float32 instead (no QuantizeLinear or
+    DequantizeLinear; weights and biases as float32 values, each requantization a clip to
+    its 8-bit range without rounding): the float model of the exported network, for
+    float32 baselines and for other quantization tools to start from."""
     onnx = _onnx()
     program.validate()
     ops_inexact = inexact_ops(program)
@@ -116,7 +132,7 @@ def to_onnx(program: IntegerProgram, *, intermediates: bool = False,
         warnings.warn("ONNX runtimes may compute these ops in float32, where a sum at or "
                       "above 2^24 rounds; the static check cannot rule that out for: "
                       + "; ".join(ops_inexact), stacklevel=2)
-    g = _Graph(onnx)
+    g = _Graph(onnx, quantized)
     tensors = program.tensors
     float_of = {}   # program tensor -> float ONNX tensor holding its exact value
     int8_of = {}    # program 8-bit tensor -> its QuantizeLinear output
@@ -127,7 +143,10 @@ def to_onnx(program: IntegerProgram, *, intermediates: bool = False,
         fl = tensors[out]["fraclen"]
         if kind == "image":
             int8_of[out] = images
-            float_of[out] = g.dequantize(images, _scale(fl, out), np.uint8, name)
+            float_of[out] = (g.dequantize(images, _scale(fl, out), np.uint8, name) if quantized
+                             else g.node("Mul", [g.node("Cast", [images],
+                                                        to=onnx.TensorProto.FLOAT),
+                                                 g.const(f"{name}/pow2", _scale(fl, out))]))
         elif kind == "lookup":
             table = program.arrays[op["table"]]  # [C, 256] int8
             channels = table.shape[0]
@@ -136,7 +155,10 @@ def to_onnx(program: IntegerProgram, *, intermediates: bool = False,
                                    g.const(f"{name}/offsets", offsets)])
             int8_of[out] = g.node("Gather", [g.const(f"{name}/table", table.reshape(-1)),
                                              index], name)
-            float_of[out] = g.dequantize(int8_of[out], _scale(fl, out), np.int8, f"{name}/dq")
+            float_of[out] = (g.dequantize(int8_of[out], _scale(fl, out), np.int8, f"{name}/dq")
+                             if quantized else g.node("Mul", [
+                                 g.node("Cast", [int8_of[out]], to=onnx.TensorProto.FLOAT),
+                                 g.const(f"{name}/pow2", _scale(fl, out))]))
         elif kind in ("conv", "dense"):
             src = op["in"][0]
             x = float_of[src]
@@ -150,10 +172,10 @@ def to_onnx(program: IntegerProgram, *, intermediates: bool = False,
                 weight = np.ascontiguousarray(w.transpose(3, 2, 0, 1))  # HWIO -> OIHW
             else:
                 weight = np.ascontiguousarray(w)  # [C, O], Gemm's B
-            wf = g.dequantize(g.const(f"{name}/w/int8", weight), _scale(fl_w, op["name"]),
-                              np.int8, f"{name}/w", axis=0 if kind == "conv" else 1)
-            bf = g.dequantize(g.const(f"{name}/b/int32", program.arrays[op["bias"]]),
-                              _scale(fl, op["name"]), np.int32, f"{name}/b", axis=0)
+            wf = g.constant(weight, _scale(fl_w, op["name"]), np.int8, f"{name}/w",
+                            axis=0 if kind == "conv" else 1)
+            bf = g.constant(program.arrays[op["bias"]], _scale(fl, op["name"]), np.int32,
+                            f"{name}/b", axis=0)
             if kind == "conv":
                 k, p, st = w.shape[0], op["padding"], op["strides"]
                 float_of[out] = g.node("Conv", [x, wf, bf], name, kernel_shape=[k, k],
@@ -165,10 +187,15 @@ def to_onnx(program: IntegerProgram, *, intermediates: bool = False,
             if op["in"][0] in flat:
                 flat.add(out)
             scale = _scale(fl, out)
+            limit = np.asarray(scale, np.float32) * np.float32(127 if op["signed"] else 255)
+            if np.ndim(limit) and op["in"][0] not in flat:
+                limit = limit.reshape(-1, 1, 1)  # [C, 1, 1] against [N, C, H, W]
+            if not quantized:  # the 8-bit range as a clip, no rounding
+                low = -limit if op["signed"] else np.zeros_like(limit)
+                float_of[out] = g.node("Min", [g.node("Max", [x, g.const(f"{name}/low", low)]),
+                                               g.const(f"{name}/high", limit)], name)
+                continue
             if op["signed"]:  # the program's int8 range is [-127, 127]
-                limit = np.float32(127) * np.asarray(scale, np.float32)
-                if np.ndim(limit) and op["in"][0] not in flat:
-                    limit = limit.reshape(-1, 1, 1)  # [C, 1, 1] against [N, C, H, W]
                 x = g.node("Max", [x, g.const(f"{name}/low", -limit)])
             dtype = np.int8 if op["signed"] else np.uint8
             int8_of[out] = g.quantize(x, scale, dtype, name)
@@ -199,7 +226,7 @@ def to_onnx(program: IntegerProgram, *, intermediates: bool = False,
     c = program.image_shape[2]
     inputs = [h.make_tensor_value_info(INPUT, tp.UINT8, ["N", c, *program.image_shape[:2]])]
     outputs = [h.make_tensor_value_info(logits, tp.FLOAT, ["N", program.num_classes])]
-    if intermediates:
+    if intermediates and quantized:
         for tensor, q in int8_of.items():
             if q == INPUT:
                 continue
@@ -207,7 +234,8 @@ def to_onnx(program: IntegerProgram, *, intermediates: bool = False,
             channels = tensors[tensor]["channels"]
             shape = ["N", channels] + ([] if tensor in flat else [None, None])
             outputs.append(h.make_tensor_value_info(q, dtype, shape))
-    graph = h.make_graph(g.nodes, f"{program.model}_integer", inputs, outputs, g.initializers)
+    graph = h.make_graph(g.nodes, f"{program.model}_{'integer' if quantized else 'float32'}",
+                         inputs, outputs, g.initializers)
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)],
                          producer_name="f8net_jax")
     model.ir_version = 8
