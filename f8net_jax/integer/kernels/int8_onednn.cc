@@ -20,6 +20,7 @@
 #include <array>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -144,6 +145,24 @@ std::shared_ptr<Entry> Get(const Layer& g) {
   return cache.emplace(key, entry).first->second;
 }
 
+// A scratchpad for this thread, kept between calls: a fresh allocation per call would be
+// new pages (faulted in and zeroed) every time for the larger ones.
+void* Scratch(size_t bytes) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffer;
+  if (bytes > buffer.size) {
+    std::free(buffer.data);
+    buffer.size = (bytes + 4095) / 4096 * 4096;
+    buffer.data = std::aligned_alloc(4096, buffer.size);
+    if (buffer.data == nullptr) buffer.size = 0;
+  }
+  return buffer.data;
+}
+
 ffi::Error Execute(const Layer& g, void* x, void* w, size_t w_bytes, void* y) {
   if (!g.Valid()) return ffi::Error::InvalidArgument("f8net_int8_onednn: inconsistent shapes");
   try {
@@ -155,10 +174,15 @@ ffi::Error Execute(const Layer& g, void* x, void* w, size_t w_bytes, void* y) {
     }
     dnnl::engine& e = Engine();
     dnnl::stream stream(e);
+    void* scratch = Scratch(entry->scratchpad.get_size());
+    if (scratch == nullptr && entry->scratchpad.get_size() > 0) {
+      return ffi::Error::Internal("f8net_int8_onednn: out of memory for the scratchpad");
+    }
     entry->primitive.execute(stream, {{DNNL_ARG_SRC, memory(g.Src(), e, x)},
                                       {DNNL_ARG_WEIGHTS, memory(entry->weights, e, w)},
                                       {DNNL_ARG_DST, memory(g.Dst(), e, y)},
-                                      {DNNL_ARG_SCRATCHPAD, memory(entry->scratchpad, e)}});
+                                      {DNNL_ARG_SCRATCHPAD,
+                                       memory(entry->scratchpad, e, scratch)}});
     stream.wait();
   } catch (const dnnl::error& err) {
     return ffi::Error::Internal(std::string("f8net_int8_onednn: ") + err.what());
@@ -256,7 +280,9 @@ extern "C" int F8netInt8Impl(const int64_t* layer, char* out, int64_t size) {
   try {
     const Layer g = FromArray(layer);
     if (!g.Valid()) return -1;
-    snprintf(out, size, "%s", Get(g)->impl.c_str());
+    const auto entry = Get(g);
+    snprintf(out, size, "%s (scratchpad %zu KiB)", entry->impl.c_str(),
+             entry->scratchpad.get_size() / 1024);
     return 0;
   } catch (const dnnl::error&) {
     return -1;
