@@ -119,16 +119,22 @@ def openvino_engine(model: bytes, threads: int, precision: str = ""):
 # Timing.
 
 
-def interleaved(engines: dict, inputs: dict, rounds: int, per_round: int) -> dict:
+def interleaved(engines: dict, inputs: dict, rounds: int, per_round: int,
+                settle: float = 0.05) -> dict:
     """Median seconds per call of each engine: after two warm-up calls each, ``rounds``
     rounds in which every engine runs ``per_round`` timed calls in turn, so that machine
-    noise hits all alike. ``inputs[name]`` is what engine ``name`` is called with."""
+    noise hits all alike. ``inputs[name]`` is what engine ``name`` is called with. Before
+    each engine's calls of a round: ``settle`` seconds of sleep and one untimed call, so
+    that the thread pools of the engine before (ONNX Runtime's, OpenVINO's and OpenMP's
+    threads spin for a while after each call) do not take the cores from it."""
     for name, fn in engines.items():
         for _ in range(2):
             jax.block_until_ready(fn(inputs[name]))
     times = {name: [] for name in engines}
     for _ in range(rounds):
         for name, fn in engines.items():
+            time.sleep(settle)
+            jax.block_until_ready(fn(inputs[name]))
             for _ in range(per_round):
                 start = time.perf_counter()
                 jax.block_until_ready(fn(inputs[name]))
