@@ -64,12 +64,13 @@ def engines(case: runtimes.Case, threads: int):
     return fns, kinds, f"integer ({default})"
 
 
-def per_layer(case: runtimes.Case, executor, total_ms: float) -> None:
-    """ms of each oneDNN call of the executor alone, at the benchmark's batch."""
+def per_layer(case: runtimes.Case, executor) -> None:
+    """ms of each oneDNN call of the executor alone, at the benchmark's batch, interleaved
+    with the whole executor (no settling pause: the calls follow one another as in it)."""
     batch = len(case.images)
-    backend = executor.plan.backend
-    rows, names = [], backend.implementations(executor.plan, batch)
+    names = executor.plan.backend.implementations(executor.plan, batch)
     rng = np.random.default_rng(0)
+    fns, inputs, rows = {"executor": executor}, {"executor": jnp.asarray(case.images)}, {}
     for op in executor.plan.ops:
         if op["op"] not in ACCUMULATING:
             continue
@@ -94,14 +95,17 @@ def per_layer(case: runtimes.Case, executor, total_ms: float) -> None:
                                                                 out_channels=int(shape[1])))
             macs = batch * int(np.prod(shape))
             what = f"{shape[0]} -> {shape[1]}"
-        x = jnp.asarray(x)
-        seconds = runtimes.interleaved({"layer": lambda x, fn=fn, w=w: fn(x, w)}, {"layer": x},
-                                       rounds=1, per_round=5)["layer"]
-        rows.append((op["name"], what, names[op["name"]], 1e3 * seconds, macs / seconds / 1e9))
-    print(f"  per layer, each oneDNN call alone at batch {batch}:")
-    for name, what, impl, ms, gmacs in rows:
-        print(f"    {name:28s} {what:28s} {impl:28s} {ms:7.2f} ms {gmacs:7.1f} GMAC/s")
-    layers_ms = sum(r[3] for r in rows)
+        fns[op["name"]] = lambda x, fn=fn, w=w: fn(x, w)
+        inputs[op["name"]] = jnp.asarray(x)
+        rows[op["name"]] = (what, macs)
+    seconds = runtimes.interleaved(fns, inputs, rounds=3, per_round=3, settle=0)
+    print(f"  per layer, each oneDNN call alone at batch {batch} (interleaved with the whole "
+          "executor):")
+    for name, (what, macs) in rows.items():
+        print(f"    {name:28s} {what:28s} {names[name]:28s} {1e3 * seconds[name]:7.2f} ms "
+              f"{macs / seconds[name] / 1e9:7.1f} GMAC/s")
+    layers_ms = 1e3 * sum(seconds[name] for name in rows)
+    total_ms = 1e3 * seconds["executor"]
     print(f"  oneDNN calls {layers_ms:.1f} ms of the executor's {total_ms:.1f} ms; the rest "
           f"(requantization, adds, pools, padding, recoding) {total_ms - layers_ms:.1f} ms "
           f"({100 * (total_ms - layers_ms) / total_ms:.0f}%)")
@@ -127,7 +131,7 @@ def measure(name, size, classes, batch, args):
           f"{r[main] / r['onnxruntime float32']:.2f}; batch-1 latency: "
           + ", ".join(f"{k} {1e3 / v:.2f} ms" for k, v in rates[1].items()))
     if name == "resnet18" and main == "integer (onednn)":
-        per_layer(case, fns[main], 1e3 * batch / r[main])
+        per_layer(case, fns[main])
     return r, main
 
 
