@@ -38,7 +38,7 @@ from flax import jax_utils
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import default  # noqa: E402
+from f8net_jax.configs import default  # noqa: E402
 from f8net_jax import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

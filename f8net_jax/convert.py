@@ -278,14 +278,15 @@ def default_config(source: str, model: str, config_path: str = ""):
     check_choice(source, model)
     if config_path:
         return load_config(config_path)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from f8net_jax import configs
+
     if source == "torchvision":
         name = f"imagenet_{model}_fp.py"
     elif model == "resnet50":  # the official ResNet-50 is the tiny fine-tuning recipe
         name = "imagenet_resnet50_tiny_finetune.py"
     else:
         name = f"imagenet_{model}_f8.py"
-    config = load_config(os.path.join(root, "configs", name))
+    config = load_config(configs.path(name))
     if source == "torchvision":
         config.quant.mode = "float"
         # ReLU networks: no clipping; MobileNet V2's ReLU6 is a clip (relu6_alphas);

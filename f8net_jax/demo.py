@@ -22,13 +22,11 @@ flags.DEFINE_string("workdir", "workdirs/demo", "Where both runs keep their chec
 flags.DEFINE_string("dataset", "fashion_mnist_offline", "fashion_mnist_offline or mnist5k.")
 
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
 def _configs(dataset: str):
+    from f8net_jax import configs
     from f8net_jax.train import load_config_file
 
-    fp, f8 = (load_config_file(os.path.join(CONFIGS, f"fashion_mnist_resnet20_{mode}.py"))
+    fp, f8 = (load_config_file(configs.path(f"fashion_mnist_resnet20_{mode}"))
               for mode in ("fp", "f8"))
     for config in (fp, f8):
         config.dataset = dataset

@@ -2,13 +2,16 @@
 
 A kernel source is compiled with the system's C++ compiler on first use into a cache
 directory ($F8NET_JAX_CACHE, default ~/.cache/f8net_jax), under a name that hashes the
-source, the flags and the XLA FFI headers, so a changed source or jaxlib rebuilds it. A
-build that fails leaves nothing behind; the caller reports why and falls back.
+source, the flags, and the contents of the XLA FFI headers and of the headers and
+libraries it is built against, so a changed source or an upgraded jaxlib or oneDNN
+rebuilds it. A build that fails leaves nothing behind; the caller reports why and falls
+back.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import hashlib
 import os
@@ -26,12 +29,31 @@ def cache_dir() -> str:
                           os.path.join(os.path.expanduser("~"), ".cache", "f8net_jax"))
 
 
-def build(source: str, name: str, flags: Sequence[str], libs: Sequence[str] = ()) -> str:
-    """Compiles ``source`` into a shared library (once per source, flags and jaxlib) and
-    returns its path. Raises subprocess.CalledProcessError with the compiler's stderr."""
+@functools.lru_cache(maxsize=None)
+def _contents_digest(path: str) -> str:
+    """SHA-256 of a file, or of every file under a folder (names and bytes, sorted)."""
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+    for file in files:
+        h.update(os.path.relpath(file, path).encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def build(source: str, name: str, flags: Sequence[str], libs: Sequence[str] = (),
+          depends: Sequence[str] = ()) -> str:
+    """Compiles ``source`` into a shared library and returns its path. It is built once per
+    source, flags, XLA FFI headers and ``depends`` (the files or folders of the headers
+    and libraries it is built against, hashed by content). Raises
+    subprocess.CalledProcessError with the compiler's stderr."""
     text = open(source, "rb").read()
     command_tail = list(flags) + ["-I", jax.ffi.include_dir()]
-    key = hashlib.sha256(text + " ".join(command_tail + list(libs)).encode()).hexdigest()[:16]
+    inputs = [jax.ffi.include_dir(), *depends]
+    key = hashlib.sha256(text + " ".join(command_tail + list(libs)).encode() + " ".join(
+        _contents_digest(os.path.realpath(p)) for p in inputs).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir(), f"{name}-{key}.so")
     if not os.path.exists(path):
         os.makedirs(cache_dir(), exist_ok=True)
@@ -58,9 +80,13 @@ def load(path: str, targets: dict[str, str]) -> ctypes.CDLL:
 
 
 def failure(error: BaseException) -> str:
-    """A one-line reason from a build or load error."""
-    detail = getattr(error, "stderr", "") or str(error)
-    return " ".join(detail.strip().split())[:300]
+    """A one-line reason from a build or load error: the compiler's last error line (the
+    last line of its output if none says "error")."""
+    lines = [line.strip() for line in (getattr(error, "stderr", "") or str(error) or
+                                       type(error).__name__).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    line = (errors or lines or [type(error).__name__])[-1]
+    return line if len(line) <= 300 else line[:300] + " ..."
 
 
 # --------------------------------------------------------------------------------------
@@ -99,8 +125,10 @@ def build_with_onednn(source: str, name: str, flags: Sequence[str],
         all_flags = list(flags) + ["-std=c++17", "-shared", "-fPIC", "-w",
                                    "-I", os.path.join(root, "include")]
         libs = [f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-ldnnl"]
+        depends = [os.path.join(root, "include", "oneapi", "dnnl"),
+                   os.path.join(libdir, "libdnnl.so")]
         try:
-            return load(build(source, name, all_flags, libs), targets), None
+            return load(build(source, name, all_flags, libs, depends), targets), None
         except (OSError, subprocess.CalledProcessError, AttributeError) as e:
             reasons.append(f"{root}: {failure(e)}")
     if not reasons:

@@ -94,6 +94,26 @@ class Precision:
             return "onednn"
         return "xla"
 
+    def describe(self) -> dict:
+        """What computes each pass of the training step and why (logged at start-up)."""
+        backend = self.resolve()
+        if self.backend != "auto":
+            why = f"conv_backend {self.backend!r} in the config"
+        elif backend == "onednn":
+            why = "conv_backend 'auto': oneDNN's kernels built and loaded"
+        elif self.dtype != "float32":
+            why = f"conv_backend 'auto': oneDNN computes float32, precision is {self.dtype!r}"
+        else:
+            why = f"conv_backend 'auto' fell back to XLA: {onednn_status()[1]}"
+        if backend == "onednn":
+            passes = dict.fromkeys(("exact_pass", "statistics_pass", "backward", "max_pool"),
+                                   "oneDNN float32")
+        else:
+            passes = {"exact_pass": f"XLA, {self.exact_operands()} operands",
+                      "statistics_pass": f"XLA, {self.dtype} operands",
+                      "backward": f"XLA, {self.dtype} operands", "max_pool": "XLA"}
+        return {"conv_backend": backend, "why": why, **passes}
+
 
 # --------------------------------------------------------------------------------------
 # Finding and building oneDNN.

@@ -150,8 +150,9 @@ def check_init_from(config) -> str:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """get_config() of a config file (configs/*.py), imported with the folder above it on
-    sys.path (so that ``from configs import ...`` works from anywhere)."""
+    """get_config() of a config file (configs/*.py, or a user's), imported with the folder
+    above it on sys.path (so that a user's ``from myconfigs import ...`` works from
+    anywhere)."""
     import importlib.util
     import sys
 
@@ -478,6 +479,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # TensorBoard, formats.json and one console table per evaluation.
     writer, tensorboard, report = writers.create(workdir, is_chief=jax.process_index() == 0,
                                                  num_train_steps=total_steps)
+    backends = writers.record_backends(workdir, "train", quant_config(config).compute.describe())
+    tensorboard.write_texts(start, {"backends": backends})
     p_train = pmap_train_step(model)
     p_eval = jax.pmap(functools.partial(eval_step, model=model), axis_name="batch")
     fixed = quant_config(config).fixed

@@ -82,3 +82,25 @@ def create(workdir: str, *, is_chief: bool, num_train_steps: int):
     writer = metric_writers.MultiWriter([tensorboard, metric_writers.LoggingWriter()])
     return writer, tensorboard, periodic_actions.ReportProgress(
         num_train_steps=num_train_steps, writer=writer)
+
+
+BACKENDS_FILE = "backends.json"
+
+
+def record_backends(workdir: str, command: str, what: Mapping[str, Any]) -> str:
+    """Logs what computes a command's work (one line) and appends it, with the JAX version
+    and devices, to WORKDIR/backends.json (one entry per start); returns the line."""
+    import jax
+
+    line = f"{command}: " + "; ".join(f"{key}: {value}" for key, value in what.items())
+    logging.info("%s", line)
+    if jax.process_index() == 0 and os.path.isdir(workdir):
+        path = os.path.join(workdir, BACKENDS_FILE)
+        entries = json.load(open(path)) if os.path.exists(path) else []
+        entries.append({"command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "jax": jax.__version__, "devices": str(jax.devices()[0].device_kind),
+                        **what})
+        with open(path + ".partial", "w") as f:
+            json.dump(entries, f, indent=1)
+        os.replace(path + ".partial", path)
+    return line

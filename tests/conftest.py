@@ -17,7 +17,7 @@ hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "default")
 def smoke_workdir(tmp_path_factory):
     """A trained smoke run (configs/smoke.py): tests that read it share the xdist group
     'smoke_workdir', so a worker trains it once."""
-    from configs import smoke
+    from f8net_jax.configs import smoke
     from f8net_jax import train
     workdir = str(tmp_path_factory.mktemp("integer") / "smoke")
     train.train_and_evaluate(smoke.get_config(), workdir)

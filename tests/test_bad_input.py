@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import smoke
+from f8net_jax.configs import smoke
 from f8net_jax import checkpoints, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_missing_unparsable_and_badly_typed_config_files_give_one_line(tmp_path)
     bad_syntax = tmp_path / "bad_syntax.py"
     bad_syntax.write_text("def get_config(:\n")
     bad_type = tmp_path / "bad_type.py"
-    bad_type.write_text("from configs import default\n\ndef get_config():\n"
+    bad_type.write_text("from f8net_jax.configs import default\n\ndef get_config():\n"
                         "    c = default.get_config()\n    c.batch_size = '32'\n    return c\n")
     cases = [(tmp_path / "missing.py", "missing.py' cannot be loaded: [Errno 2] No such file"),
              (bad_syntax, "bad_syntax.py' cannot be loaded: syntax error at line 1"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import jax_utils
 
-from configs import default
+from f8net_jax.configs import default
 from f8net_jax import integer, recording, train
 from f8net_jax.integer import audit
 from f8net_jax.integer.verification import verify

@@ -58,7 +58,7 @@ class FakeJpegImages(__import__("tensorflow_datasets").core.GeneratorBasedBuilde
 
 
 def test_streamed_pipeline_batches_resumes_and_masks(tmp_path):
-    from configs import default
+    from f8net_jax.configs import default
     FakeJpegImages(data_dir=str(tmp_path)).download_and_prepare()
     config = default.get_config()
     config.dataset, config.data_dir = "fake_jpeg_images", str(tmp_path)
@@ -101,7 +101,7 @@ class FakeJpegShards(FakeJpegImages):
 @pytest.fixture(scope="module")
 def sharded_config(tmp_path_factory):
     tfds = __import__("tensorflow_datasets")
-    from configs import default
+    from f8net_jax.configs import default
     data_dir = str(tmp_path_factory.mktemp("shards"))
     FakeJpegShards(data_dir=data_dir).download_and_prepare(
         download_config=tfds.download.DownloadConfig(num_shards=4))

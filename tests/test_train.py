@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default, smoke
+from f8net_jax.configs import default, smoke
 from f8net_jax import data as data_lib
 from f8net_jax import checkpoints, train
 
@@ -365,7 +365,7 @@ def test_offline_datasets_load_without_tensorflow(dataset):
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     code = (
         "import sys, json; sys.modules['tensorflow'] = None\n"
-        "from configs import default; from f8net_jax import data\n"
+        "from f8net_jax.configs import default; from f8net_jax import data\n"
         "c = default.get_config(); c.dataset = sys.argv[1]; c.image_size = 28\n"
         "c.train_examples = 1000\n"
         "d = data.create(c, local_devices=1)\n"
@@ -397,14 +397,14 @@ def test_imagenet_configs_follow_the_official_recipes():
         "imagenet_mobilenet_v2_f8": ("mobilenet_v2", "fixed", 0.1, "no_depthwise_no_bn"),
     }
     for name, (model, mode, lr, scheme) in expected.items():
-        config = importlib.import_module(f"configs.{name}").get_config()
+        config = importlib.import_module(f"f8net_jax.configs.{name}").get_config()
         assert (config.model, config.quant.mode, config.learning_rate,
                 config.weight_decay_scheme) == (model, mode, lr, scheme), name
         assert (config.batch_size, config.num_epochs, config.weight_decay) == (2048, 150, 4e-5)
         train.check_config(config)
     for name, steps, lr in (("imagenet_resnet18_tiny_finetune", 100, 0.0),
                             ("imagenet_resnet50_tiny_finetune", 500, 1e-4)):
-        config = importlib.import_module(f"configs.{name}").get_config()
+        config = importlib.import_module(f"f8net_jax.configs.{name}").get_config()
         assert (config.batch_size, config.num_train_steps, config.learning_rate) == (128, steps, lr)
         assert (config.quant.clipping, config.quant.format_rule, config.lr_schedule) == (
             False, "grid", "constant")

@@ -428,16 +428,24 @@ class _Run:
     code: dict
 
 
-def default_backend() -> str:
-    """'onednn' on a CPU where oneDNN's int8 kernels load (see onednn.available), else
-    'vnni' where the AVX-512 VNNI kernel does, 'xla' on other CPUs, 'im2col' on GPUs and
-    TPUs."""
+def choose_backend() -> tuple[str, str]:
+    """(backend, why): 'onednn' on a CPU where oneDNN's int8 kernels load (see
+    onednn.available), else 'vnni' where the AVX-512 VNNI kernel does, 'xla' on other CPUs,
+    'im2col' on GPUs and TPUs."""
     if jax.default_backend() != "cpu":
-        return "im2col"
+        return "im2col", f"JAX runs on {jax.default_backend()}: int8 GEMMs over patches"
+    passed = []
     for name, available in KERNEL_BACKENDS.items():
-        if available()[0]:
-            return name
-    return "xla"
+        ok, why = available()
+        if ok:
+            return name, "; ".join(passed + [f"{name}: its kernels loaded"])
+        passed.append(f"not {name}: {why}")
+    return "xla", "; ".join(passed + ["XLA's int8 convolution"])
+
+
+def default_backend() -> str:
+    """The backend ``choose_backend`` picks on this machine."""
+    return choose_backend()[0]
 
 
 class Executor:

@@ -19,8 +19,9 @@ import os
 import sys
 
 from f8net_jax.integer import cli, onnx_export
-from f8net_jax.integer.executor import serialize
+from f8net_jax.integer.executor import choose_backend, serialize
 from f8net_jax.integer.program import file_paths, save
+from f8net_jax.writers import record_backends
 
 
 def main(argv=None) -> None:
@@ -76,6 +77,8 @@ def main(argv=None) -> None:
                 os.remove(stem + suffix + ".partial")
     for line in cli.describe(program):
         print(line)
+    backend, why = choose_backend()
+    print(record_backends(args.workdir, "export_program", {"executor here": backend, "why": why}))
     if args.onnx:
         print("onnx: exact in a runtime's float32 sums wherever they stay below 2^24; the "
               "static check cannot rule out 2^24 for " + (", ".join(inexact) or "no op"))

@@ -25,8 +25,10 @@ import jax
 import numpy as np
 
 from f8net_jax.integer import audit, cli
+from f8net_jax.integer.executor import choose_backend
 from f8net_jax.integer.program import load
 from f8net_jax.integer.verification import Verifier
+from f8net_jax.writers import record_backends
 
 
 def eval_images(config):
@@ -66,6 +68,8 @@ def main(argv=None) -> None:
         else:
             program = cli.export_loaded(variables, config, image_shape)
         verifier = Verifier(program, model, variables)
+        backend, why = choose_backend()  # what Verifier's executor took
+        print(record_backends(args.workdir, "verify_program", {"executor": backend, "why": why}))
         problems = audit.audit(verifier.executor.jaxpr())
         for line in cli.describe(program):
             print(line)

@@ -17,7 +17,7 @@ import jax  # noqa: E402  (XLA_FLAGS is read when the backend starts)
 import numpy as np  # noqa: E402
 from flax import jax_utils  # noqa: E402
 
-from configs import default  # noqa: E402
+from f8net_jax.configs import default  # noqa: E402
 from f8net_jax import train  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import sys
 
 sys.modules["tensorflow"] = None  # any `import tensorflow` now raises ImportError
 
-from configs import default  # noqa: E402
+from f8net_jax.configs import default  # noqa: E402
 from f8net_jax import train  # noqa: E402
 
 

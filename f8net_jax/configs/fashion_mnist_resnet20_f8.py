@@ -4,7 +4,7 @@
         --config.init_from=/tmp/fm_fp
 """
 
-from configs.fashion_mnist_common import fashion_mnist_config
+from f8net_jax.configs.fashion_mnist_common import fashion_mnist_config
 
 
 def get_config():

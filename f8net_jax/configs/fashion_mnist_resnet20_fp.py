@@ -3,7 +3,7 @@
     python -m f8net_jax.main --config=configs/fashion_mnist_resnet20_fp.py --workdir=/tmp/fm_fp
 """
 
-from configs.fashion_mnist_common import fashion_mnist_config
+from f8net_jax.configs.fashion_mnist_common import fashion_mnist_config
 
 
 def get_config():

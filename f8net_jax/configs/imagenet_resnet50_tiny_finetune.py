@@ -9,7 +9,7 @@ The float run must use the same network without clipping (--config.quant.clippin
 --config.quant.normalized_input=True), e.g. a converted pretrained model.
 """
 
-from configs.imagenet_common import tiny_finetuning_config
+from f8net_jax.configs.imagenet_common import tiny_finetuning_config
 
 
 def get_config():

@@ -5,7 +5,7 @@
 Trains for well under a minute on 2 CPU cores; the tests run it.
 """
 
-from configs import default
+from f8net_jax.configs import default
 
 
 def get_config():

@@ -4,7 +4,7 @@
         --config.data_dir=<tfds data dir holding imagenet2012>
 """
 
-from configs.imagenet_common import imagenet_config
+from f8net_jax.configs.imagenet_common import imagenet_config
 
 
 def get_config():

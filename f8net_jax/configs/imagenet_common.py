@@ -7,7 +7,7 @@ the start, plain cross-entropy. The fixed-point run starts from the full-precisi
 (--config.init_from=<its workdir>).
 """
 
-from configs import default
+from f8net_jax.configs import default
 
 
 def imagenet_config(model: str, mode: str, *, learning_rate: float,

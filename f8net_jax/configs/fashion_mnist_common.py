@@ -3,7 +3,7 @@
 Shared by fashion_mnist_resnet20_fp.py and fashion_mnist_resnet20_f8.py.
 """
 
-from configs import default
+from f8net_jax.configs import default
 
 
 def fashion_mnist_config(mode: str):
