@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from f8net_jax import integer, layers, models
+from f8net_jax import machine as f8net_machine
 from f8net_jax.integer import onnx_export
 
 
@@ -144,17 +145,4 @@ def interleaved(engines: dict, inputs: dict, rounds: int, per_round: int,
 
 def machine() -> str:
     """CPU model, its int8/bf16 features, and the load average (1 min)."""
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    features = [f for f in ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-                if f in flags]
-    return (f"{model} ({os.cpu_count()} cpus; {', '.join(features) or 'no VNNI/AMX'}), "
-            f"load average {os.getloadavg()[0]:.2f}")
+    return f8net_machine.describe()

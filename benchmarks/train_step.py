@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -39,24 +38,13 @@ from flax import jax_utils
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from f8net_jax.configs import default  # noqa: E402
-from f8net_jax import train  # noqa: E402
+from f8net_jax import machine, train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return platform.processor() or "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                 if line.startswith("model name")), "unknown")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-           if f in flags]
-    return f"{name} ({os.cpu_count()} cpus; {' '.join(isa) or 'no avx512'})"
+    return machine.describe()
 
 
 class Ours:

@@ -45,7 +45,6 @@ import csv
 import json
 import logging as python_logging
 import os
-import platform
 import sys
 import time
 
@@ -179,18 +178,13 @@ def source_commit() -> str:
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "")
-        flags_line = next((l for l in lines if l.startswith("flags")), "")
-        extras = [f for f in ("avx512_vnni", "amx_int8") if f" {f}" in flags_line]
-        cpu = " ".join([cpu] + extras)
-    except OSError:
-        pass
     import jax
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(),
+
+    from f8net_jax import machine as this_machine
+
+    cpu = " ".join([this_machine.cpu_model()]
+                   + this_machine.x86_features(("avx512_vnni", "amx_int8")))
+    return {"cpu": cpu, "cores": os.cpu_count(),
             "devices": [str(d) for d in jax.devices()], "load_avg": os.getloadavg()}
 
 

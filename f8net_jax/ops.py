@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from f8net_jax import native
+from f8net_jax import machine, native
 
 BACKENDS = ("auto", "xla", "onednn")
 DTYPES = ("float32", "bfloat16")
@@ -122,8 +122,8 @@ class Precision:
 @functools.lru_cache(maxsize=None)
 def _load():
     """(library, None) once the oneDNN handlers are registered, else (None, reason)."""
-    if os.environ.get("F8NET_JAX_NO_ONEDNN"):
-        return None, "disabled by F8NET_JAX_NO_ONEDNN"
+    if machine.onednn_disabled():
+        return None, machine.onednn_disabled()
     return native.build_with_onednn(SOURCE, "train_onednn", ["-O2"], TARGETS)
 
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import platform
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from f8net_jax import native
+from f8net_jax import machine, native
 
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "int8_onednn.cc")
 TARGETS = {"f8net_int8_conv": "F8netInt8Conv", "f8net_int8_dense": "F8netInt8Dense"}
@@ -34,21 +33,14 @@ INT8_FEATURES = ("amx_int8", "avx512_vnni", "avx_vnni")
 
 def cpu_int8_features() -> list[str]:
     """The int8 dot-product features of this CPU that oneDNN uses exactly (cpuinfo flags)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return []
-    return [feature for feature in INT8_FEATURES if feature in flags]
+    return machine.x86_features(INT8_FEATURES)
 
 
 @functools.lru_cache(maxsize=None)
 def _load():
     """(library, None) once the kernels are registered, else (None, reason)."""
-    if os.environ.get("F8NET_JAX_NO_ONEDNN"):
-        return None, "disabled by F8NET_JAX_NO_ONEDNN"
+    if machine.onednn_disabled():
+        return None, machine.onednn_disabled()
     if not cpu_int8_features():
         return None, ("this CPU has no VNNI or AMX int8 instructions (without them oneDNN's "
                       "u8 x s8 products can saturate)")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import subprocess
 from typing import Optional
 
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from f8net_jax import native
+from f8net_jax import machine, native
 
 TARGET = "f8net_conv_u8s8"
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "conv_u8s8.cc")
@@ -30,22 +29,12 @@ FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mav
 COLS = 16  # output channels are padded to a multiple of this
 
 
-def _cpu_has_vnni() -> bool:
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512_vnni" in f.read()
-    except OSError:
-        return False
-
-
 @functools.lru_cache(maxsize=None)
 def _load() -> Optional[str]:
     """None once the kernel is registered, else the reason it is not."""
     if os.environ.get("F8NET_JAX_NO_VNNI"):
         return "disabled by F8NET_JAX_NO_VNNI"
-    if not _cpu_has_vnni():
+    if not machine.x86_features(["avx512_vnni"]):
         return "this CPU has no AVX-512 VNNI"
     try:
         native.load(native.build(SOURCE, "conv_u8s8", FLAGS), {TARGET: "F8netConvU8S8"})
