@@ -41,6 +41,7 @@ import runtimes  # noqa: E402
 from f8net_jax import integer  # noqa: E402
 from f8net_jax.integer import executor as executor_lib, onednn  # noqa: E402
 from f8net_jax.integer.program import ACCUMULATING  # noqa: E402
+from f8net_jax.ops import window_output_size  # noqa: E402
 
 
 def engines(case: runtimes.Case, threads: int):
@@ -85,8 +86,8 @@ def per_layer(case: runtimes.Case, executor) -> None:
             fn = jax.jit(lambda x, w, op=op, p=p, shape=shape: onednn.conv(
                 x, w, kernel_size=int(shape[0]), strides=op["strides"], padding=p,
                 groups=op["groups"], out_channels=int(shape[3])))
-            oh = (h + 2 * op["padding"] - shape[0]) // op["strides"] + 1
-            ow = (wd + 2 * op["padding"] - shape[0]) // op["strides"] + 1
+            oh = window_output_size(h, int(shape[0]), op["strides"], op["padding"])
+            ow = window_output_size(wd, int(shape[0]), op["strides"], op["padding"])
             macs = batch * oh * ow * int(np.prod(shape))
             what = f"{h}x{wd}x{shape[2] * op['groups']} k{shape[0]} s{op['strides']} -> {shape[3]}"
         else:

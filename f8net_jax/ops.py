@@ -115,6 +115,11 @@ class Precision:
         return {"conv_backend": backend, "why": why, **passes}
 
 
+def window_output_size(size: int, window: int, strides: int, padding: int = 0) -> int:
+    """Output length of a convolution or pool along one axis: (size + 2p - k) // s + 1."""
+    return (size + 2 * padding - window) // strides + 1
+
+
 # --------------------------------------------------------------------------------------
 # Finding and building oneDNN.
 
@@ -145,7 +150,7 @@ def onednn_implementation(kind: str, x_shape, kernel_shape, *, strides: int, pad
         raise RuntimeError(f"oneDNN is not available: {reason}")
     n, h, w, c = x_shape
     kh, kw, _, o = kernel_shape
-    oh, ow = (h + 2 * padding - kh) // strides + 1, (w + 2 * padding - kw) // strides + 1
+    oh, ow = window_output_size(h, kh, strides, padding), window_output_size(w, kw, strides, padding)
     geometry = np.array([n, h, w, c, o, kh, kw, oh, ow, strides, padding, groups], np.int64)
     out = ctypes.create_string_buffer(128)
     impl = library.F8netConvF32Impl
@@ -178,7 +183,8 @@ def _ffi(target, operand, other, out_shape, strides, padding, groups):
 def _out_shape(x_shape, kernel_shape, strides, padding):
     n, h, w, _ = x_shape
     kh, kw, _, o = kernel_shape
-    return (n, (h + 2 * padding - kh) // strides + 1, (w + 2 * padding - kw) // strides + 1, o)
+    return (n, window_output_size(h, kh, strides, padding),
+            window_output_size(w, kw, strides, padding), o)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -363,8 +369,8 @@ _xla_max_pool.defvjp(_xla_max_pool_fwd, _xla_max_pool_bwd)
 
 def _pool_shape(x_shape, window, strides, padding):
     n, h, w, c = x_shape
-    return (n, (h + 2 * padding - window) // strides + 1,
-            (w + 2 * padding - window) // strides + 1, c)
+    return (n, window_output_size(h, window, strides, padding),
+            window_output_size(w, window, strides, padding), c)
 
 
 def _pool_attrs(window, strides, padding):

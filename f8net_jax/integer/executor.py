@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from f8net_jax import fixed_point as fp
+from f8net_jax.ops import window_output_size
 from f8net_jax.integer import onednn, vnni
 from f8net_jax.integer.program import ACCUMULATING, OPS, IntegerProgram
 
@@ -145,7 +146,7 @@ def _spatial_sizes(program: IntegerProgram) -> dict:
             k = (program.arrays[op["weight"]].shape[0] if op["op"] == "conv"
                  else op["window"])
             h, w = sizes[op["in"][0]]
-            size = tuple((d + 2 * op["padding"] - k) // op["strides"] + 1 for d in (h, w))
+            size = tuple(window_output_size(d, k, op["strides"], op["padding"]) for d in (h, w))
         elif op["op"] in ("avg_pool", "dense"):
             size = (1, 1)
         else:
@@ -368,7 +369,7 @@ def _im2col_conv(x, w, strides: int, groups: int):
     (a batched dot) for depthwise convs."""
     n, hp, wp, c = x.shape
     k = w.shape[0]
-    oh, ow = (hp - k) // strides + 1, (wp - k) // strides + 1
+    oh, ow = window_output_size(hp, k, strides), window_output_size(wp, k, strides)
     patches = jnp.stack([jax.lax.slice(x, (0, i, j, 0), (n, i + (oh - 1) * strides + 1,
                                                          j + (ow - 1) * strides + 1, c),
                                        (1, strides, strides, 1))

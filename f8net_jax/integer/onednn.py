@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from f8net_jax import machine, native
+from f8net_jax.ops import window_output_size
 
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "int8_onednn.cc")
 TARGETS = {"f8net_int8_conv": "F8netInt8Conv", "f8net_int8_dense": "F8netInt8Dense"}
@@ -67,8 +68,8 @@ def layer(kind: str, *, batch: int, height: int = 1, width: int = 1, in_channels
           out_channels: int, kernel_size: int = 1, strides: int = 1, padding: int = 0,
           groups: int = 1, signed: bool) -> np.ndarray:
     """A layer's geometry as the kernel reads it (``kind``: 'conv' or 'dense')."""
-    oh = (height + 2 * padding - kernel_size) // strides + 1
-    ow = (width + 2 * padding - kernel_size) // strides + 1
+    oh = window_output_size(height, kernel_size, strides, padding)
+    ow = window_output_size(width, kernel_size, strides, padding)
     return np.array([{"conv": 0, "dense": 1}[kind], batch, height, width, in_channels,
                      out_channels, kernel_size, kernel_size, oh, ow, strides, padding, groups,
                      int(signed)], np.int64)
@@ -107,8 +108,8 @@ def conv(x: jax.Array, packed: jax.Array, *, kernel_size: int, strides: int, pad
          groups: int, out_channels: int) -> jax.Array:
     """int32 conv(x, w) for 8-bit x [N, H, W, C] (zero padding of ``padding``)."""
     n, h, w, _ = x.shape
-    oh = (h + 2 * padding - kernel_size) // strides + 1
-    ow = (w + 2 * padding - kernel_size) // strides + 1
+    oh = window_output_size(h, kernel_size, strides, padding)
+    ow = window_output_size(w, kernel_size, strides, padding)
     return jax.ffi.ffi_call("f8net_int8_conv",
                             jax.ShapeDtypeStruct((n, oh, ow, out_channels), jnp.int32))(
         x, packed, stride=np.int64(strides), pad=np.int64(padding), groups=np.int64(groups),

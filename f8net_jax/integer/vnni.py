@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from f8net_jax import machine, native
+from f8net_jax.ops import window_output_size
 
 TARGET = "f8net_conv_u8s8"
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "conv_u8s8.cc")
@@ -69,7 +70,7 @@ def conv(x: jax.Array, packed: jax.Array, bias: jax.Array, *, kernel_size: int, 
     """y = bias + conv(x, w) in int32 for uint8 x [N, Hp, Wp, Cp] already padded (spatially
     and to the packed input channels); returns [N, OH, OW, out_channels]."""
     n, hp, wp, _ = x.shape
-    oh, ow = (hp - kernel_size) // strides + 1, (wp - kernel_size) // strides + 1
+    oh, ow = window_output_size(hp, kernel_size, strides), window_output_size(wp, kernel_size, strides)
     cop = packed.shape[1]
     y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, oh, ow, cop), jnp.int32))(
         x, packed, bias, stride=np.int64(strides), kh=np.int64(kernel_size),
