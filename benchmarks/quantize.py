@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from f8net_jax import fixed_point as fp
+from f8net_jax import format_rules
 
 
 def _time(fn, *args, repeats):
@@ -37,7 +38,8 @@ def main():
     w = jnp.asarray(rng.standard_normal(args.size, np.float32))
 
     def metric_format(v):
-        return fp.fraclen_from_metric(fp.tensor_metric(v, "std"), signed=True)
+        return format_rules.fraclen_from_metric(format_rules.tensor_metric(v, "std"),
+                                                signed=True)
 
     identity = jax.jit(jax.grad(lambda v, fl: jnp.sum(v * w)))
     quantized = jax.jit(jax.grad(lambda v, fl: jnp.sum(fp.quantize(v, fl, signed=True) * w)))

@@ -6,7 +6,7 @@ optionally beside the official PyTorch code's step of the same shape, in the sam
         [--precision=float32 --conv_backend=auto] \
         [--official=DIR --torch_python=PY [--official_float]] [--json=FILE]
 
-Our step is the pmapped ``train.train_step`` (forward, both passes of every quantized
+Our step is the pmapped ``steps.train_step`` (forward, both passes of every quantized
 layer in fixed point, backward, SGD) on one fixed batch of random uint8 images, on all
 local devices. Each engine is compiled (ahead of time, timed) and warmed up; then
 ``--steps`` rounds each time one step of every engine in turn (block_until_ready), and
@@ -38,7 +38,7 @@ from flax import jax_utils
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from f8net_jax.configs import default  # noqa: E402
-from f8net_jax import machine, train  # noqa: E402
+from f8net_jax import machine, steps  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,22 +55,22 @@ class Ours:
         config.model, config.quant.mode, config.batch_size = args.model, mode, args.batch
         config.quant.precision, config.quant.conv_backend = args.precision, args.conv_backend
         self.name = f"ours {'f8' if mode == 'fixed' else 'float'}"
-        self.backend = train.quant_config(config).compute.resolve()
+        self.backend = steps.quant_config(config).compute.resolve()
         devices = jax.local_device_count()
         if args.batch % devices:
             raise SystemExit(f"--batch {args.batch} must be a multiple of the {devices} devices")
-        model = train.create_model(config, num_classes=args.num_classes)
+        model = steps.create_model(config, num_classes=args.num_classes)
         shape = (args.image_size, args.image_size, args.channels)
-        lr_fn = train.learning_rate_fn(config, steps_per_epoch=100, total_steps=100)
+        lr_fn = steps.learning_rate_fn(config, steps_per_epoch=100, total_steps=100)
         self.state = jax_utils.replicate(
-            train.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr_fn))
+            steps.create_train_state(jax.random.PRNGKey(0), config, model, shape, lr_fn))
         rng = np.random.default_rng(0)
         per_device = args.batch // devices
         self.batch = {
             "image": rng.integers(0, 256, (devices, per_device) + shape, dtype=np.uint8),
             "label": rng.integers(0, args.num_classes, (devices, per_device)).astype(np.int32),
             "mask": np.ones((devices, per_device), bool)}
-        step = train.pmap_train_step(model)
+        step = steps.pmap_train_step(model)
         start = time.perf_counter()
         self.step = step.lower(self.state, self.batch).compile()
         self.compile_s = time.perf_counter() - start
@@ -86,7 +86,7 @@ class Ours:
             self.state, metrics = self.step(self.state, self.batch)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
-        self.loss = float(train.unreplicate(metrics).compute()["loss"])
+        self.loss = float(steps.unreplicate(metrics).compute()["loss"])
         return times
 
 

@@ -50,7 +50,7 @@ import time
 
 from absl import app, flags, logging
 
-from f8net_jax.train import load_config_file as load_config
+from f8net_jax.run_config import load_config_file as load_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", None, "Fixed-point config file (configs/*_f8.py).")
@@ -309,12 +309,12 @@ def main(argv):
                 plan.append((setting, seed, build_config(setting, seed, **common)))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"experiments.ablations: {e}")
-    from f8net_jax import train
+    from f8net_jax import run_config
     for setting, seed, config in plan:
         try:
             check = copy.deepcopy(config)
             check.init_from = ""  # the fp run it starts from may not exist yet
-            train.check_config(check)
+            run_config.check_config(check)
         except ValueError as e:
             sys.exit(f"experiments.ablations: setting {setting}: {e}")
     # Finished runs missing from the CSV (a launcher killed between the two writes).

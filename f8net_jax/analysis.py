@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from f8net_jax import fixed_point as fp
+from f8net_jax import format_rules
 
 
 def relative_error(sigmas: Sequence[float], *, signed: bool, bits: int = 8,
@@ -35,8 +36,8 @@ def relative_error(sigmas: Sequence[float], *, signed: bool, bits: int = 8,
     def errors(sigma, key):
         z = jax.random.normal(key, (num_samples,), jnp.float32)
         x = sigma * z if signed else jax.nn.relu(sigma * z)
-        return jax.vmap(lambda fl: fp.quantization_rms_error(x, fl, signed=signed, bits=bits)
-                        )(fraclens) / sigma
+        return jax.vmap(lambda fl: format_rules.quantization_rms_error(
+            x, fl, signed=signed, bits=bits))(fraclens) / sigma
 
     base = jax.random.PRNGKey(seed)
     keys = jax.random.split(base, len(sigmas)) if fresh_draws else [base] * len(sigmas)

@@ -7,6 +7,8 @@ newer ones are moved to WORKDIR/damaged_checkpoints (never deleted); when none v
 the run stops and says so, leaving every file where it is.
 """
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -116,32 +118,97 @@ def restore(workdir: str, step: int, target: Any = None) -> Any:
     return state
 
 
+def _local_checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer of this process alone: orbax ends a restore at a barrier of every
+    process, which one whose read failed, or that reads another step, never reaches."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+
+
 def restore_latest(workdir: str, target: Any = None, move_aside: bool = True):
     """(state, step) of the newest checkpoint of ``workdir`` that verifies, or (None, None)
     when there is none. Damaged newer ones are reported and, with ``move_aside``, moved to
     WORKDIR/damaged_checkpoints by process 0 once a good one is found. Raises
-    CheckpointError listing every failure when checkpoints exist and none verifies."""
+    CheckpointError listing every failure when checkpoints exist and none verifies.
+
+    On several processes every one verifies the checkpoints itself (a read can fail on
+    one host only), and all resume from the newest step that every one of them verified."""
     available = steps(workdir)
-    failures = []
+    failures = []  # (step, reason) of the checkpoints this process could not use
+    state, step = _newest_verified(workdir, available, target, None, failures)
+    if jax.process_count() > 1:
+        return _agree(workdir, available, target, state, step, failures, move_aside)
+    if step is None:
+        if failures:
+            raise _none_usable(workdir, [reason for _, reason in failures])
+        return None, None
+    if failures and move_aside:
+        _move_aside(workdir, [s for s, _ in failures])
+    if failures:
+        logging.warning("resuming from the checkpoint at step %d instead", step)
+    return state, step
+
+
+def _newest_verified(workdir: str, available: list, target: Any, bound: Optional[int],
+                     failures: list):
+    """(state, step) of the newest of ``available`` up to ``bound`` (None: any) that
+    verifies, or (None, None); those that do not are logged and added to ``failures``."""
     for step in reversed(available):
+        if bound is not None and step > bound:
+            continue
         try:
-            state = restore(workdir, step, target)
+            return restore(workdir, step, target), step
         except CheckpointError as e:
             logging.warning("%s", e)
             failures.append((step, str(e)))
-            continue
-        if failures and move_aside:
-            _move_aside(workdir, [s for s, _ in failures])
-        if failures:
-            logging.warning("resuming from the checkpoint at step %d instead", step)
-        return state, step
-    if failures:
-        raise CheckpointError(
-            "no checkpoint in " + directory(workdir) + " can be used: "
-            + "; ".join(reason for _, reason in failures)
-            + ". Nothing was moved or deleted: restore the files, or move the folder away "
-              "to start again")
     return None, None
+
+
+def _agree(workdir: str, available: list, target: Any, state: Any, step: Optional[int],
+           failures: list, move_aside: bool):
+    """restore_latest on several processes. Each round all-gathers every process's newest
+    verified step (-1: none) and newest step on disk; a process whose step is newer than
+    the oldest named looks again at or before that one, until all name the same step.
+    Every process makes the same collectives whatever failed where, and all take the same
+    branches after them."""
+    from jax.experimental import multihost_utils
+
+    on_disk = available[-1] if available else -1
+    first = None
+    while True:
+        mine = np.array([-1 if step is None else step, on_disk], np.int32)
+        rows = np.asarray(multihost_utils.process_allgather(mine))  # (processes, 2)
+        first = rows if first is None else first
+        agreed, newest = int(rows[:, 0].min()), int(rows[:, 1].max())
+        if agreed < 0 or (rows[:, 0] == agreed).all():
+            break
+        if step > agreed:
+            state, step = _newest_verified(workdir, available, target, agreed, failures)
+    if newest < 0:
+        return None, None
+    if agreed < 0:
+        behind = _processes(rows[:, 0] < 0)
+        raise _none_usable(workdir, [reason for _, reason in failures]
+                           + [f"process(es) {behind} found none that verifies"])
+    if newest > agreed and move_aside:
+        _move_aside(workdir, [s for s in reversed(available) if s > agreed])
+    if newest > agreed:
+        logging.warning("resuming from the checkpoint at step %d instead, the newest that "
+                        "all %d processes verified (process(es) %s could not use a newer "
+                        "one)", agreed, len(rows), _processes(first[:, 0] < newest))
+    return state, step
+
+
+def _processes(mask) -> str:
+    return ", ".join(str(p) for p in np.flatnonzero(mask))
+
+
+def _none_usable(workdir: str, reasons: list) -> CheckpointError:
+    return CheckpointError(
+        "no checkpoint in " + directory(workdir) + " can be used: " + "; ".join(reasons)
+        + ". Nothing was moved or deleted: restore the files, or move the folder away "
+          "to start again")
 
 
 def _move_aside(workdir: str, bad_steps: list) -> None:
@@ -166,8 +233,44 @@ def _sync(name: str) -> None:
 
 
 def _reason(e: Exception) -> str:
+    """One short line: the root cause's message (orbax wraps a read error in a message
+    that spells out the whole TensorStore spec)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 300 else text[:300] + " ..."
+
+
+class _DrainingLoop(asyncio.SelectorEventLoop):
+    """An event loop that lets every task it still holds finish before it closes.
+
+    Orbax runs a restore in a fresh loop and closes it as soon as the first read fails.
+    The other reads go on in TensorStore's threads and, done, call back into the closed
+    loop: each prints a 'RuntimeError: Event loop is closed' traceback, and each task
+    left with an error logs 'Task exception was never retrieved' when collected. Waiting
+    for them (their errors gathered, not raised) leaves nothing behind."""
+
+    def close(self) -> None:
+        while not self.is_running() and not self.is_closed() and asyncio.all_tasks(self):
+            self.run_until_complete(
+                asyncio.gather(*asyncio.all_tasks(self), return_exceptions=True))
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def _draining_event_loops():
+    """Event loops created meanwhile (orbax's, in any thread) drain before closing."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 def load_workdir(workdir: str, step: Optional[int] = None):

@@ -1,11 +1,14 @@
 """The default of every configuration field, with what it does; every experiment config
 (configs/*.py) starts from ``get_config()`` and the training system checks configs
 against it (unknown fields, types, ranges). Any field can be overridden on the command
-line, e.g. --config.batch_size=64 or --config.quant.format_rule=grid. The quant block holds
-``layers.QuantConfig``'s defaults (a test keeps them equal).
+line, e.g. --config.batch_size=64 or --config.quant.format_rule=grid. The quant block is
+built from ``QuantConfig``'s fields (f8net_jax/quant_config.py), where each has its default
+and its comment.
 """
 
 import ml_collections
+
+from f8net_jax import quant_config
 
 
 def get_config():
@@ -14,31 +17,9 @@ def get_config():
     # Model.
     config.model = "resnet20"             # resnet18/34/50, resnet20/56, mobilenet_v1/v2
     config.width_multiplier = 1.0         # channel multiplier of the MobileNets
-    config.quant = ml_collections.ConfigDict(dict(
-        mode="fixed",                     # "float" (full precision) or "fixed" (F8Net)
-        format_rule="std",                # formats from "std", "mae", "rms" or "grid" search
-        granularity="layer",              # weight formats per "layer" or output "channel"
-        clipping=True,                    # PACT alpha; off: no clipping (tiny fine-tuning)
-        format_momentum=0.1,              # running input format momentum
-        weight_format=(8, 7),             # (bits, initial fraclen) of weights
-        input_format=(8, 6),              # (bits, initial running fraclen) of layer inputs
-        consistent_clip=False,            # consistent training scale (METHOD.md 8.6)
-        alpha_init=8.0,                   # initial PACT clipping level
-        bn_momentum=0.1,                  # BatchNorm running-statistics momentum
-        bn_eps=1e-5,                      # BatchNorm epsilon
-        rescale_classifier=True,          # classifier weight rescaling (official configs)
-        share_classifier_alpha=False,     # classifier reads the last chain's alpha (8.7)
-        share_alpha=True,                 # readers of one stream share its alpha (METHOD 5);
-                                          # False: every layer its own (an ablation)
-        wide_fraclen=False,               # weight fraclens may pass the word length (up to
-                                          # 15): more of the int8 codes for small weights
-        normalized_input=False,           # feed mean/std-normalized images instead of pixels
-        precision="float32",              # operands of the float products and the backward:
-                                          # "float32", or "bfloat16" on GPU/TPU (f8net_jax.ops)
-        conv_backend="auto",              # "auto" (oneDNN on CPU if found), "xla", "onednn"
-        exact_dtype="auto",               # operands of the exact (8-bit grid) pass under XLA:
-                                          # "auto" (bfloat16 on GPU/TPU), "bfloat16", "float32"
-    ))
+    # Quantization: every field of QuantConfig with its default; each field's comment is
+    # beside it in f8net_jax/quant_config.py.
+    config.quant = ml_collections.ConfigDict(quant_config.config_defaults())
 
     # Data.
     config.dataset = "synthetic"          # a tfds name, fashion_mnist_offline, mnist5k, synthetic

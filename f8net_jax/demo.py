@@ -24,7 +24,7 @@ flags.DEFINE_string("dataset", "fashion_mnist_offline", "fashion_mnist_offline o
 
 def _configs(dataset: str):
     from f8net_jax import configs
-    from f8net_jax.train import load_config_file
+    from f8net_jax.run_config import load_config_file
 
     fp, f8 = (load_config_file(configs.path(f"fashion_mnist_resnet20_{mode}"))
               for mode in ("fp", "f8"))

@@ -15,12 +15,14 @@ Rounding is round-half-to-even everywhere, in float and in integer code. Powers 
 built from their bit patterns (``pow2``), never with ``exp2``/``pow``, whose XLA kernels are
 not exact for integer arguments: every scaling here is exact.
 
-What lives here (see docs/METHOD.md, sections 1, 2 and 6):
+What lives here (see docs/METHOD.md, sections 1 and 6):
 
-* ``quantize``: the fake quantizer with its straight-through gradient (``jax.custom_vjp``);
-* ``tensor_metric``, ``fraclen_from_metric``, ``fraclen_grid_search``: choosing a format
-  from statistics, as pure functions;
+* ``max_fraclen``, ``integer_range``, ``FixedPointFormat``: what a format allows;
+* ``quantize``: the fake quantizer with its straight-through gradient (``jax.custom_vjp``),
+  ``saturate`` and PACT's clip;
 * ``requantize``: int32 accumulator to an 8-bit format by a rounding, saturating shift.
+
+Choosing a format from statistics (the format rules) is f8net_jax/format_rules.py.
 """
 
 from __future__ import annotations
@@ -40,22 +42,13 @@ MAX_BITS = 16
 INT32_MAX = 2 ** 31 - 1   # accumulators, biases and residual streams are int32
 INT32_MIN = -(2 ** 31)
 
-# c in fraclen = floor(log2(c / m)), fitted to the quantization-error analysis of 8-bit
-# formats for a Gaussian (signed) or rectified Gaussian (unsigned) input.
-METRIC_CONSTANTS = {
-    # metric: (c signed, c unsigned)
-    "std": (40.0, 70.0),
-    "mae": (30.0, 30.0),
-    "rms": (40.0, 50.0),
-}
-METRICS = tuple(METRIC_CONSTANTS)
-
 
 # --------------------------------------------------------------------------------------
 # Formats and validation.
 
 
-def _check_bits(bits: int) -> int:
+def check_bits(bits: int) -> int:
+    """``bits`` as an int, or ValueError unless it is an int in [MIN_BITS, MAX_BITS]."""
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
         raise ValueError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
     if not MIN_BITS <= bits <= MAX_BITS:
@@ -63,7 +56,8 @@ def _check_bits(bits: int) -> int:
     return int(bits)
 
 
-def _check_signed(signed: bool) -> bool:
+def check_signed(signed: bool) -> bool:
+    """``signed`` as a bool, or ValueError unless it is True or False."""
     if not isinstance(signed, (bool, np.bool_)):
         raise ValueError(f"signed must be True or False, got {signed!r}")
     return bool(signed)
@@ -72,15 +66,15 @@ def _check_signed(signed: bool) -> bool:
 def max_fraclen(*, signed: bool, bits: int = 8, wide: bool = False) -> int:
     """Largest fractional length of a format: bits - 1 if signed, else bits; ``bits``
     more for wide formats."""
-    bits = _check_bits(bits)
-    return bits - int(_check_signed(signed)) + (bits if wide else 0)
+    bits = check_bits(bits)
+    return bits - int(check_signed(signed)) + (bits if wide else 0)
 
 
 def integer_range(*, signed: bool, bits: int = 8) -> tuple[int, int]:
     """(qmin, qmax) of the stored integers: symmetric [-(2^(bits-1)-1), 2^(bits-1)-1] if
     signed, [0, 2^bits - 1] if unsigned."""
-    bits = _check_bits(bits)
-    if _check_signed(signed):
+    bits = check_bits(bits)
+    if check_signed(signed):
         qmax = (1 << (bits - 1)) - 1
         return -qmax, qmax
     return 0, (1 << bits) - 1
@@ -95,8 +89,8 @@ class FixedPointFormat:
     signed: bool
 
     def __post_init__(self):
-        _check_bits(self.bits)
-        _check_signed(self.signed)
+        check_bits(self.bits)
+        check_signed(self.signed)
         hi = max_fraclen(signed=self.signed, bits=self.bits)
         if isinstance(self.fraclen, bool) or not isinstance(self.fraclen, (int, np.integer)):
             raise ValueError(f"fraclen must be an int in [0, {hi}], got {self.fraclen!r}")
@@ -139,7 +133,9 @@ def _check_fraclen(fraclen: ArrayLike, *, lo: int, hi: int, name: str = "fraclen
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value.tolist()}")
 
 
-def _normalize_axis(axis: Optional[int], ndim: int, name: str = "axis") -> Optional[int]:
+def normalize_axis(axis: Optional[int], ndim: int, name: str = "axis") -> Optional[int]:
+    """``axis`` in [0, ndim) (negative axes count from the end), None for None; ValueError
+    when out of bounds."""
     if axis is None:
         return None
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
@@ -158,7 +154,7 @@ def _along_axis(fraclen: ArrayLike, shape: tuple[int, ...], axis: Optional[int],
     its entries along ``axis``."""
     fl = jnp.asarray(fraclen)
     ndim = len(shape)
-    axis = _normalize_axis(axis, ndim)
+    axis = normalize_axis(axis, ndim)
     if fl.ndim == 0:
         return fl
     if fl.ndim != 1:
@@ -181,10 +177,6 @@ def pow2(exponent: ArrayLike, dtype=jnp.float32) -> jax.Array:
     e = jnp.clip(jnp.asarray(exponent).astype(jnp.int32), -126, 127)
     bits = jnp.left_shift(e + 127, jnp.int32(23))
     return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
-
-
-def _float_dtype(x: jax.Array):
-    return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
 
 
 # --------------------------------------------------------------------------------------
@@ -221,8 +213,8 @@ _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
 def _prepare(x, fraclen, signed, bits, axis, wide):
-    bits = _check_bits(bits)
-    signed = _check_signed(signed)
+    bits = check_bits(bits)
+    signed = check_signed(signed)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x must be a float array, got dtype {x.dtype}")
@@ -300,126 +292,7 @@ def pact_clip(x: ArrayLike, alpha: ArrayLike, *, signed: bool = False) -> jax.Ar
     alpha = jnp.asarray(alpha, x.dtype)
     if alpha.ndim != 0:
         raise ValueError(f"alpha must be a scalar, got shape {alpha.shape}")
-    return _pact_clip(x, alpha, jnp.asarray(-1.0 if _check_signed(signed) else 0.0, x.dtype))
-
-
-# --------------------------------------------------------------------------------------
-# Choosing a format from statistics.
-
-
-def _mean(x: jax.Array, axes, axis_name: Optional[str]) -> jax.Array:
-    """Mean over ``axes``, and over the devices of ``axis_name`` (equal shards) if given."""
-    mean = jnp.mean(x, axis=axes)
-    return mean if axis_name is None else jax.lax.pmean(mean, axis_name)
-
-
-def tensor_metric(x: ArrayLike, metric: str, *, axis: Optional[int] = None,
-                  axis_name: Optional[str] = None) -> jax.Array:
-    """A statistic of x for the format rule, over the whole tensor (axis=None) or over all
-    axes but ``axis`` (per channel):
-
-    * 'std': unbiased standard deviation, sqrt(sum((x - mean)^2) / (N - 1));
-    * 'mae': mean absolute value, mean(|x|);
-    * 'rms': root mean square, sqrt(mean(x^2)).
-
-    With ``axis_name`` (inside pmap), x is one device's shard of a tensor split evenly over
-    the devices of that axis, and the statistic is the whole tensor's.
-    """
-    if metric not in METRIC_CONSTANTS:
-        raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
-    x = jnp.asarray(x)
-    axis = _normalize_axis(axis, x.ndim)
-    reduce = None if axis is None else tuple(a for a in range(x.ndim) if a != axis)
-    if metric == "std":
-        if axis_name is None:
-            return jnp.std(x, axis=reduce, ddof=1)
-        n = (x.size if axis is None else x.size // x.shape[axis]) * jax.lax.psum(1, axis_name)
-        mean = _mean(x, reduce, axis_name)
-        if axis is not None:
-            mean = jnp.expand_dims(mean, reduce)
-        return jnp.sqrt(_mean(jnp.square(x - mean), reduce, axis_name) * (n / (n - 1)))
-    if metric == "mae":
-        return _mean(jnp.abs(x), reduce, axis_name)
-    return jnp.sqrt(_mean(jnp.square(x), reduce, axis_name))
-
-
-def _floor_log2(r: jax.Array) -> jax.Array:
-    """floor(log2(r)) for positive r, exact (from the binary exponent, not a log kernel);
-    +inf for r = inf, -inf for r = 0."""
-    _, exponent = jnp.frexp(r)  # r = mantissa * 2^exponent, mantissa in [0.5, 1)
-    fl = (exponent - 1).astype(r.dtype)
-    fl = jnp.where(jnp.isinf(r), jnp.inf, fl)
-    return jnp.where(r == 0, -jnp.inf, fl)
-
-
-def fraclen_from_metric(value: ArrayLike, *, metric: str = "std", signed: bool,
-                        bits: int = 8, wide: bool = False) -> jax.Array:
-    """The format rule: fl = clip(floor(log2(c / m)), 0, bits - signed) (the upper bound
-    is ``max_fraclen(..., wide=wide)``).
-
-    c depends on the metric and the sign (``METRIC_CONSTANTS``: std 40/70, mae 30/30,
-    rms 40/50, signed/unsigned); the constants are fitted for 8 bits only. As in the
-    official code, c / m is evaluated in float32 as c * (1 / m). floor(log2(.)) is taken
-    exactly from the binary exponent, so the rule gives the same answer on every backend
-    (a float log2 kernel can round up just below a power of two).
-
-    m = 0 gives the largest fl, m = inf gives 0. Returns float32 holding integers, the
-    shape of ``value`` (a scalar per layer, a vector per channel).
-    """
-    if metric not in METRIC_CONSTANTS:
-        raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
-    bits = _check_bits(bits)
-    signed = _check_signed(signed)
-    if bits != 8:
-        raise ValueError(
-            f"the '{metric}' format rule's constants are fitted for bits=8 only, got "
-            f"bits={bits}: use fraclen_grid_search for other word lengths"
-        )
-    c = METRIC_CONSTANTS[metric][0 if signed else 1]
-    m = jnp.asarray(value, jnp.float32)
-    ratio = jnp.float32(c) * (jnp.float32(1.0) / m)
-    fl = _floor_log2(ratio)
-    return jnp.clip(fl, 0, max_fraclen(signed=signed, bits=bits, wide=wide))
-
-
-def quantization_rms_error(x: ArrayLike, fraclen: ArrayLike, *, signed: bool, bits: int = 8,
-                           axis: Optional[int] = None,
-                           axis_name: Optional[str] = None, wide: bool = False) -> jax.Array:
-    """sqrt(mean((x - Q(x; fl))^2)) over the whole tensor, or per channel along ``axis``
-    when fraclen is per channel (over all devices of ``axis_name`` when given)."""
-    x = jnp.asarray(x)
-    err = jnp.square(x - quantize(x, fraclen, signed=signed, bits=bits, axis=axis, wide=wide))
-    ax = _normalize_axis(axis, x.ndim)
-    if ax is None or jnp.ndim(fraclen) == 0:
-        return jnp.sqrt(_mean(err, None, axis_name))
-    return jnp.sqrt(_mean(err, tuple(a for a in range(x.ndim) if a != ax), axis_name))
-
-
-def fraclen_grid_search(x: ArrayLike, *, signed: bool, bits: int = 8,
-                        axis: Optional[int] = None,
-                        axis_name: Optional[str] = None, wide: bool = False) -> jax.Array:
-    """The fl in [0, max_fraclen(..., wide=wide)] with the lowest RMS quantization error
-    sqrt(mean((x - Q(x; fl))^2)); the smallest fl wins a tie.
-
-    Over the whole tensor (axis=None, the official rule), or per channel along ``axis``;
-    over all devices of ``axis_name`` when given. Returns float32 holding integers: a
-    scalar, or a vector of x.shape[axis]. No gradient.
-    """
-    bits = _check_bits(bits)
-    signed = _check_signed(signed)
-    x = jax.lax.stop_gradient(jnp.asarray(x))
-    ax = _normalize_axis(axis, x.ndim)
-    candidates = jnp.arange(max_fraclen(signed=signed, bits=bits, wide=wide) + 1,
-                            dtype=jnp.float32)
-    if ax is None:
-        errors = jax.vmap(lambda fl: quantization_rms_error(
-            x, fl, signed=signed, bits=bits, axis_name=axis_name, wide=wide))(candidates)
-    else:
-        channels = x.shape[ax]
-        errors = jax.vmap(lambda fl: quantization_rms_error(
-            x, jnp.full((channels,), fl), signed=signed, bits=bits, axis=ax,
-            axis_name=axis_name, wide=wide))(candidates)
-    return jnp.argmin(errors, axis=0).astype(jnp.float32)  # argmin returns the first minimum
+    return _pact_clip(x, alpha, jnp.asarray(-1.0 if check_signed(signed) else 0.0, x.dtype))
 
 
 # --------------------------------------------------------------------------------------
@@ -471,8 +344,8 @@ def requantize(acc: ArrayLike, in_fraclen: ArrayLike, out_fraclen: ArrayLike, *,
     ``axis``; traced values are allowed); ``wide`` admits the out_fraclen of a wide
     format. Returns int32 values in [qmin, qmax].
     """
-    bits = _check_bits(bits)
-    signed = _check_signed(signed)
+    bits = check_bits(bits)
+    signed = check_signed(signed)
     dtype = acc.dtype if hasattr(acc, "dtype") else np.asarray(acc).dtype
     if isinstance(acc, (int, np.integer)):  # a Python int scalar
         dtype = np.dtype(np.int32)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from f8net_jax import fixed_point as fp
+from f8net_jax import format_rules
 
 FORMAT_RULES = ("std", "mae", "rms", "grid")
 
@@ -28,18 +29,19 @@ FORMAT_RULES = ("std", "mae", "rms", "grid")
 def choose_fraclen(x: jax.Array, rule: str, *, signed: bool, bits: int = 8,
                    axis: Optional[int] = None, axis_name: Optional[str] = None,
                    wide: bool = False) -> jax.Array:
-    """The format of x by ``rule``: 'std', 'mae' or 'rms' (fp.fraclen_from_metric of that
-    statistic) or 'grid' (fp.fraclen_grid_search). Per tensor, or per channel along
-    ``axis``; over the shards of x on all devices of ``axis_name`` when given; ``wide``
-    lets the fraclen pass the word length (fp.max_fraclen). Carries no gradient."""
+    """The format of x by ``rule``: 'std', 'mae' or 'rms' (format_rules.fraclen_from_metric
+    of that statistic) or 'grid' (format_rules.fraclen_grid_search). Per tensor, or per
+    channel along ``axis``; over the shards of x on all devices of ``axis_name`` when given;
+    ``wide`` lets the fraclen pass the word length (fp.max_fraclen). Carries no gradient."""
     if rule not in FORMAT_RULES:
         raise ValueError(f"format_rule must be one of {list(FORMAT_RULES)}, got {rule!r}")
     x = jax.lax.stop_gradient(x)
     if rule == "grid":
-        return fp.fraclen_grid_search(x, signed=signed, bits=bits, axis=axis,
-                                      axis_name=axis_name, wide=wide)
-    value = fp.tensor_metric(x, rule, axis=axis, axis_name=axis_name)
-    return fp.fraclen_from_metric(value, metric=rule, signed=signed, bits=bits, wide=wide)
+        return format_rules.fraclen_grid_search(x, signed=signed, bits=bits, axis=axis,
+                                                axis_name=axis_name, wide=wide)
+    value = format_rules.tensor_metric(x, rule, axis=axis, axis_name=axis_name)
+    return format_rules.fraclen_from_metric(value, metric=rule, signed=signed, bits=bits,
+                                            wide=wide)
 
 
 def update_running_fraclen(running: jax.Array, batch_fraclen: jax.Array,

@@ -1,4 +1,6 @@
-"""F8Net's quantized layers as Flax linen modules (docs/METHOD.md, sections 3 to 5).
+"""F8Net's quantized layers as Flax linen modules (docs/METHOD.md, sections 3 to 5): the
+input quantizer, conv + BatchNorm and the classifier. What runs between them (the scale
+plan, relu, residual_add, the pools) is f8net_jax/streams.py.
 
 One definition serves full precision and fixed point; ``QuantConfig.mode`` picks.
 
@@ -7,13 +9,6 @@ reads it: a layer whose input has scale s receives x = a / s (a: the real activa
 produces its output already divided by its consumer's scale. The consumer's quantizer
 Q(x; fl) then performs ReLU, PACT's clip at alpha and the rounding at once. In float mode
 activations are real values and the consumer applies clip(., 0, alpha) (or ReLU).
-
-Scale plan. A producer needs its consumer's scale s = 2^fl * |alpha| / 255 before the
-consumer runs. Every layer that reads a stream (a *reader*: a conv, a block, the
-classifier) exposes ``owns_alpha``, ``own_alpha()`` and ``input_scale(alpha)``, and
-``scale_plan(readers)`` walks them in order: a reader that owns an alpha starts a chain,
-the others read the chain of the reader before them. Models compute the plan first and
-pass each reader its alpha and its consumer's scale.
 
 State. 'params': kernels, BatchNorm scale/bias, alpha (one per chain), classifier bias;
 'batch_stats': BatchNorm running mean/var; 'quant_stats': each layer's running input
@@ -43,7 +38,7 @@ Where we choose differently from the official code, or where it has no single an
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -181,7 +176,7 @@ def _mean_over_batch(y, axis_name):
 
 
 class Reader:
-    """The reader interface (see scale_plan) of a module whose ``input`` is the
+    """The reader interface (see streams.scale_plan) of a module whose ``input`` is the
     InputQuantizer of the stream it reads."""
 
     def own_alpha(self):
@@ -232,7 +227,7 @@ class QuantConvBN(Reader, nn.Module):
     def _conv(self, x, kernel, exact: bool = False):
         return ops.conv2d(x, kernel, strides=self.strides, padding=self.kernel_size // 2,
                            groups=self.features if self.depthwise else 1, exact=exact,
-                           precision=self.quant.compute)
+                           compute=self.quant.compute)
 
     def _batch_norm_statistics(self, y, train: bool):
         if not train:
@@ -288,9 +283,9 @@ class QuantDense(Reader, nn.Module):
     ``folding.classifier_weight_scale``; eval (and integer inference):
     Q(x) @ Q(w) + round(b / (s * ws)), logits scaled by the positive constant 1 / (s * ws).
     ``input_factor`` f is a positive constant the input is to be multiplied by (the integer
-    average pool's leftover factor 2^n / (H*W), see ``global_average_pool``); it joins the
-    constant s * ws, so the quantized weight and its format do not see it. Formats per
-    layer only.
+    average pool's leftover factor 2^n / (H*W), see ``streams.global_average_pool``); it
+    joins the constant s * ws, so the quantized weight and its format do not see it.
+    Formats per layer only.
     """
 
     in_features: int
@@ -322,7 +317,7 @@ class QuantDense(Reader, nn.Module):
         x_q, in_fraclen, in_scale = self.input(x, alpha=alpha, train=train)
         if not q.fixed:
             return ops.matmul(input_factor * x_q, self._rescale(self.kernel) * self.kernel,
-                               precision=q.compute) + self.bias
+                               compute=q.compute) + self.bias
         w_fraclen = folding.choose_fraclen(self.kernel, q.format_rule, signed=True, bits=q.bits,
                                            wide=q.wide_fraclen)
         w_q = fp.quantize(self.kernel, w_fraclen, signed=True, bits=q.bits, wide=q.wide_fraclen)
@@ -330,7 +325,7 @@ class QuantDense(Reader, nn.Module):
         _sow_formats(self, in_fraclen, w_fraclen, alpha)
         self.sow("folded", "weight", self.kernel)
         scale = in_scale * input_factor * ws  # one constant: logits = scale * (Q(x) @ Q(w))
-        product = ops.matmul(x_q, w_q, exact=True, precision=q.compute)
+        product = ops.matmul(x_q, w_q, exact=True, compute=q.compute)
         if train:
             return scale * product + self.bias
         bias = folding.round_bias(self.bias / scale, in_fraclen + w_fraclen)
@@ -340,77 +335,6 @@ class QuantDense(Reader, nn.Module):
         path = recording.module_path(self)
         recording.emit("dense", [x_q], y, reader=path, layer=path)
         return y
-
-
-# --------------------------------------------------------------------------------------
-# Pooling and the scale plan.
-
-
-def relu(x):
-    """ReLU of a stream between layers (an op of the integer program)."""
-    y = nn.relu(x)
-    recording.emit("relu", [x], y)
-    return y
-
-
-def residual_add(a, b, *, relu: bool = False, name: Optional[str] = None):
-    """a + b (then ReLU with ``relu``): the sum of two streams in the same units. In the
-    integer program the operand in the coarser format is shifted left to the finer one
-    first, so the sum is exact. ``name`` (the module whose output it is) names the op."""
-    y = a + b
-    if relu:
-        y = nn.relu(y)
-    recording.emit("add", [a, b], y, name=name, relu=relu)
-    return y
-
-
-def max_pool(x, window: int = 3, strides: int = 2, padding: int = 1,
-             precision: ops.Precision = ops.Precision()):
-    """Max pooling with symmetric padding (padded values never win); its gradient goes to
-    the first maximum of each window (f8net_jax.ops.max_pool)."""
-    y = ops.max_pool(x, window=window, strides=strides, padding=padding, precision=precision)
-    recording.emit("max_pool", [x], y, window=window, strides=strides, padding=padding)
-    return y
-
-
-def global_average_pool(x, quant: QuantConfig):
-    """Global average pool. Returns (pooled, input_factor for the consumer).
-
-    Float: the mean. Fixed point: the sum over the H*W window shifted right by
-    n = round(log2(H*W)) bits, in simulation and integer inference alike; the leftover
-    factor 2^n / (H*W) is returned for the consumer (the classifier), which applies it in
-    its output scale, so the network still computes the mean (METHOD.md 8.1: one pooling
-    for all paths; unlike the official fusion, the skip path is not left out).
-    """
-    if not quant.fixed:
-        return jnp.mean(x, axis=(1, 2)), 1.0
-    window = x.shape[1] * x.shape[2]
-    shift = folding.pool_shift(window)
-    pooled = jnp.sum(x, axis=(1, 2)) * fp.pow2(-shift, x.dtype)
-    recording.emit("avg_pool", [x], pooled, window=window)
-    return pooled, (2.0 ** shift) / window
-
-
-def scale_plan(readers: Sequence[Any], alpha=None):
-    """Alphas and input scales of a sequence of readers that each consume the previous one's
-    output. A reader that owns an alpha starts a chain; the others use the alpha of the
-    chain they read (``alpha`` for the first). Returns (alphas, scales)."""
-    alphas, scales = [], []
-    for reader in readers:
-        alpha = reader.own_alpha() if reader.owns_alpha else alpha
-        alphas.append(alpha)
-        scales.append(reader.input_scale(alpha))
-    return alphas, scales
-
-
-def run_readers(readers: Sequence[Any], x, *, alpha, out_scale, train: bool):
-    """Runs readers in sequence, each delivering its output in the next one's units and the
-    last in ``out_scale``."""
-    alphas, scales = scale_plan(readers, alpha)
-    for i, reader in enumerate(readers):
-        next_scale = scales[i + 1] if i + 1 < len(readers) else out_scale
-        x = reader(x, alpha=alphas[i], out_scale=next_scale, train=train)
-    return x
 
 
 def count_params(params) -> int:

@@ -1,7 +1,8 @@
 """The convolutions, matmuls and max pools of the models: which implementation, which
 precision.
 
-Precision policy. A quantized layer runs two kinds of products (docs/METHOD.md 4):
+Compute policy (``ComputePolicy``). A quantized layer runs two kinds of products
+(docs/METHOD.md 4):
 
 * the *exact* pass conv(Q(x), Q(W_f)) and the classifier's Q(x) @ Q(w): both operands are
   8-bit integers times powers of two, exactly representable in bfloat16, so they take
@@ -10,49 +11,41 @@ Precision policy. A quantized layer runs two kinds of products (docs/METHOD.md 4
   which the integer exporter checks); on accelerators this is the tensor-core/MXU path
   instead of Precision.HIGHEST's emulated float32;
 * the *float* products: the BatchNorm-statistics pass conv(s * Q(x), W), the float model,
-  and the backward of both. Their operand precision is ``Precision.dtype`` ('float32',
+  and the backward of both. Their operand precision is ``ComputePolicy.dtype`` ('float32',
   the default and the only choice worth having on a CPU, or 'bfloat16' on accelerators),
   with float32 accumulation.
 
-Implementation (``backend``). 'xla' is lax.conv_general_dilated. 'onednn' runs float32
-convolutions, forward and both gradients, and max pooling through oneDNN
-(kernels/train_onednn.cc, custom calls of the XLA FFI): on this project's CPUs XLA's convolutions are 2-3x slower than
-oneDNN's. 'auto' takes oneDNN on the CPU when the library is found (``onednn_status()``
-says whether and why not) and XLA elsewhere. The exact pass is exact in float32 too, so
-oneDNN computes it in float32 and returns the same numbers as bfloat16 operands would.
+Implementation (``ComputePolicy.backend``, one of ``CONV_BACKENDS``). 'xla' is
+lax.conv_general_dilated. 'onednn' runs float32 convolutions, forward and both gradients,
+and max pooling through oneDNN (f8net_jax/train_onednn.py): on this project's CPUs XLA's
+convolutions are 2-3x slower than oneDNN's. 'auto' takes oneDNN on the CPU when the
+library is found (``train_onednn.status()`` says whether and why not) and XLA elsewhere.
+The exact pass is exact in float32 too, so oneDNN computes it in float32 and returns the
+same numbers as bfloat16 operands would.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from f8net_jax import machine, native
+from f8net_jax import train_onednn
 
-BACKENDS = ("auto", "xla", "onednn")
+CONV_BACKENDS = ("auto", "xla", "onednn")
 DTYPES = ("float32", "bfloat16")
-
-SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "train_onednn.cc")
-TARGETS = {"f8net_conv_f32_forward": "F8netConvF32Forward",
-           "f8net_conv_f32_backward_data": "F8netConvF32BackwardData",
-           "f8net_conv_f32_backward_weights": "F8netConvF32BackwardWeights",
-           "f8net_max_pool_forward": "F8netMaxPoolForward",
-           "f8net_max_pool_backward": "F8netMaxPoolBackward"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Precision:
-    """How the training step computes its products (see the module docstring).
+class ComputePolicy:
+    """How the training step computes its products (see the module docstring); a model's
+    is ``QuantConfig.compute``.
 
     dtype: operand precision of the float products (BatchNorm-statistics pass, float
       model, backward of every pass): 'float32' or 'bfloat16'; accumulation is float32.
-    backend: 'auto', 'xla' or 'onednn'.
+    backend: 'auto', 'xla' or 'onednn' (CONV_BACKENDS).
     exact_dtype: operands of the exact pass under XLA: 'bfloat16', 'float32', or 'auto'
       (bfloat16 on accelerators; float32 on the CPU, where XLA's bfloat16 convolution is
       slower and float32 is as exact).
@@ -68,8 +61,8 @@ class Precision:
         if self.exact_dtype not in DTYPES + ("auto",):
             raise ValueError(f"exact_dtype must be one of {list(DTYPES) + ['auto']}, got "
                              f"{self.exact_dtype!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"conv_backend must be one of {list(BACKENDS)}, got "
+        if self.backend not in CONV_BACKENDS:
+            raise ValueError(f"conv_backend must be one of {list(CONV_BACKENDS)}, got "
                              f"{self.backend!r}")
 
     def exact_operands(self) -> str:
@@ -86,11 +79,11 @@ class Precision:
             if self.dtype != "float32":
                 raise ValueError(f"conv_backend 'onednn' computes in float32; precision "
                                  f"{self.dtype!r} needs conv_backend 'xla' or 'auto'")
-            ok, why = onednn_status()
+            ok, why = train_onednn.status()
             if not ok:
                 raise RuntimeError(f"conv_backend 'onednn' is not available: {why}")
             return "onednn"
-        if self.dtype == "float32" and onednn_status()[0]:
+        if self.dtype == "float32" and train_onednn.status()[0]:
             return "onednn"
         return "xla"
 
@@ -104,7 +97,7 @@ class Precision:
         elif self.dtype != "float32":
             why = f"conv_backend 'auto': oneDNN computes float32, precision is {self.dtype!r}"
         else:
-            why = f"conv_backend 'auto' fell back to XLA: {onednn_status()[1]}"
+            why = f"conv_backend 'auto' fell back to XLA: {train_onednn.status()[1]}"
         if backend == "onednn":
             passes = dict.fromkeys(("exact_pass", "statistics_pass", "backward", "max_pool"),
                                    "oneDNN float32")
@@ -121,47 +114,6 @@ def window_output_size(size: int, window: int, strides: int, padding: int = 0) -
 
 
 # --------------------------------------------------------------------------------------
-# Finding and building oneDNN.
-
-
-@functools.lru_cache(maxsize=None)
-def _load():
-    """(library, None) once the oneDNN handlers are registered, else (None, reason)."""
-    if machine.onednn_disabled():
-        return None, machine.onednn_disabled()
-    return native.build_with_onednn(SOURCE, "train_onednn", ["-O2"], TARGETS)
-
-
-def onednn_status() -> tuple[bool, str]:
-    """(True, '') if the oneDNN convolutions are ready and JAX computes on the CPU, else
-    (False, why)."""
-    if jax.default_backend() != "cpu":
-        return False, f"JAX runs on {jax.default_backend()}; the oneDNN kernels on the CPU"
-    library, reason = _load()
-    return library is not None, reason or ""
-
-
-def onednn_implementation(kind: str, x_shape, kernel_shape, *, strides: int, padding: int,
-                          groups: int = 1) -> str:
-    """The name of the kernel oneDNN picks for one convolution ('forward',
-    'backward_data', 'backward_weights'), e.g. 'brg:avx512_core' or 'jit:avx512_core'."""
-    library, reason = _load()
-    if library is None:
-        raise RuntimeError(f"oneDNN is not available: {reason}")
-    n, h, w, c = x_shape
-    kh, kw, _, o = kernel_shape
-    oh, ow = window_output_size(h, kh, strides, padding), window_output_size(w, kw, strides, padding)
-    geometry = np.array([n, h, w, c, o, kh, kw, oh, ow, strides, padding, groups], np.int64)
-    out = ctypes.create_string_buffer(128)
-    impl = library.F8netConvF32Impl
-    impl.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64]
-    kinds = {"forward": 0, "backward_data": 1, "backward_weights": 2}
-    if impl(kinds[kind], geometry.ctypes.data, out, len(out)) != 0:
-        raise RuntimeError("oneDNN could not create this convolution")
-    return out.value.decode()
-
-
-# --------------------------------------------------------------------------------------
 # Convolutions.
 
 
@@ -173,39 +125,11 @@ def _xla_conv(x, kernel, strides, padding, groups, *, precision=None,
         precision=precision, preferred_element_type=preferred_element_type)
 
 
-def _ffi(target, operand, other, out_shape, strides, padding, groups):
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32),
-                            vmap_method="sequential")(
-        operand, other, stride=np.int64(strides), pad=np.int64(padding),
-        groups=np.int64(groups))
-
-
 def _out_shape(x_shape, kernel_shape, strides, padding):
     n, h, w, _ = x_shape
     kh, kw, _, o = kernel_shape
     return (n, window_output_size(h, kh, strides, padding),
             window_output_size(w, kw, strides, padding), o)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _onednn_conv(x, kernel, strides, padding, groups):
-    shape = _out_shape(x.shape, kernel.shape, strides, padding)
-    return _ffi("f8net_conv_f32_forward", x, kernel, shape, strides, padding, groups)
-
-
-def _onednn_conv_fwd(x, kernel, strides, padding, groups):
-    return _onednn_conv(x, kernel, strides, padding, groups), (x, kernel)
-
-
-def _onednn_conv_bwd(strides, padding, groups, residuals, g):
-    x, kernel = residuals
-    g = g.astype(jnp.float32)
-    dx = _ffi("f8net_conv_f32_backward_data", g, kernel, x.shape, strides, padding, groups)
-    dw = _ffi("f8net_conv_f32_backward_weights", x, g, kernel.shape, strides, padding, groups)
-    return dx, dw
-
-
-_onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
 
 
 def _lowp(dtype: str):
@@ -246,25 +170,26 @@ def _highest(dtype: str):
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, strides: int = 1, padding: int = 0,
            groups: int = 1, exact: bool = False,
-           precision: Precision = Precision()) -> jax.Array:
+           compute: ComputePolicy = ComputePolicy()) -> jax.Array:
     """y = conv(x, kernel) for NHWC x and HWIO kernel, symmetric zero padding, float32
     result.
 
     ``exact``: both operands lie on 8-bit fixed-point grids (the second pass of a quantized
-    layer): bfloat16 operands (``precision.exact_operands()``), float32 accumulation,
+    layer): bfloat16 operands (``compute.exact_operands()``), float32 accumulation,
     bit-identical to float32 while the integer partial sums stay below 2^24. Otherwise the
-    products use ``precision.dtype``.
-    The backward always uses ``precision.dtype``.
+    products use ``compute.dtype``.
+    The backward always uses ``compute.dtype``.
     """
-    backend = precision.resolve()
+    backend = compute.resolve()
     if backend == "onednn":
-        return _onednn_conv(x.astype(jnp.float32), kernel.astype(jnp.float32), strides,
-                            padding, groups)
-    forward = precision.exact_operands() if exact else precision.dtype
-    if forward == "float32" and precision.dtype == "float32":
+        return train_onednn.conv2d(x.astype(jnp.float32), kernel.astype(jnp.float32),
+                                   _out_shape(x.shape, kernel.shape, strides, padding),
+                                   strides, padding, groups)
+    forward = compute.exact_operands() if exact else compute.dtype
+    if forward == "float32" and compute.dtype == "float32":
         return _xla_conv(x, kernel, strides, padding, groups,
                          precision=jax.lax.Precision.HIGHEST)
-    return _xla_mixed_conv(x, kernel, strides, padding, groups, forward, precision.dtype)
+    return _xla_mixed_conv(x, kernel, strides, padding, groups, forward, compute.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -292,12 +217,12 @@ _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
 def matmul(x: jax.Array, w: jax.Array, *, exact: bool = False,
-           precision: Precision = Precision()) -> jax.Array:
-    """x @ w with float32 result; ``exact`` and ``precision`` as in ``conv2d``."""
-    forward = precision.exact_operands() if exact else precision.dtype
-    if forward == "float32" and precision.dtype == "float32":
+           compute: ComputePolicy = ComputePolicy()) -> jax.Array:
+    """x @ w with float32 result; ``exact`` and ``compute`` as in ``conv2d``."""
+    forward = compute.exact_operands() if exact else compute.dtype
+    if forward == "float32" and compute.dtype == "float32":
         return jnp.matmul(x, w, precision=jax.lax.Precision.HIGHEST)
-    return _mixed_matmul(x, w, forward, precision.dtype)
+    return _mixed_matmul(x, w, forward, compute.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -373,62 +298,15 @@ def _pool_shape(x_shape, window, strides, padding):
             window_output_size(w, window, strides, padding), c)
 
 
-def _pool_attrs(window, strides, padding):
-    return dict(window=np.int64(window), stride=np.int64(strides), pad=np.int64(padding))
-
-
-@functools.lru_cache(maxsize=None)
-def _workspace_bytes(x_shape, window, strides, padding) -> int:
-    library, reason = _load()
-    if library is None:
-        raise RuntimeError(f"oneDNN is not available: {reason}")
-    query = library.F8netMaxPoolWorkspaceBytes
-    query.argtypes, query.restype = [ctypes.c_void_p], ctypes.c_int64
-    geometry = np.array(list(x_shape) + list(_pool_shape(x_shape, window, strides, padding)[1:3])
-                        + [window, strides, padding], np.int64)
-    size = query(geometry.ctypes.data)
-    if size < 0:
-        raise RuntimeError(f"oneDNN could not create a max pool for input {x_shape}")
-    return int(size)
-
-
-def _onednn_max_pool_forward(x, window, strides, padding):
-    shape = _pool_shape(x.shape, window, strides, padding)
-    workspace = _workspace_bytes(tuple(x.shape), window, strides, padding)
-    return jax.ffi.ffi_call("f8net_max_pool_forward",
-                            (jax.ShapeDtypeStruct(shape, jnp.float32),
-                             jax.ShapeDtypeStruct((workspace,), jnp.uint8)),
-                            vmap_method="sequential")(x, **_pool_attrs(window, strides, padding))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _onednn_max_pool(x, window, strides, padding):
-    return _onednn_max_pool_forward(x, window, strides, padding)[0]
-
-
-def _onednn_max_pool_fwd(x, window, strides, padding):
-    y, workspace = _onednn_max_pool_forward(x, window, strides, padding)
-    return y, (workspace, x.shape)
-
-
-def _onednn_max_pool_bwd(window, strides, padding, residuals, g):
-    workspace, x_shape = residuals
-    dx = jax.ffi.ffi_call("f8net_max_pool_backward", jax.ShapeDtypeStruct(x_shape, jnp.float32),
-                          vmap_method="sequential")(
-        g.astype(jnp.float32), workspace, **_pool_attrs(window, strides, padding))
-    return (dx,)
-
-
-_onednn_max_pool.defvjp(_onednn_max_pool_fwd, _onednn_max_pool_bwd)
-
-
 def max_pool(x: jax.Array, *, window: int, strides: int, padding: int,
-             precision: Precision = Precision()) -> jax.Array:
+             compute: ComputePolicy = ComputePolicy()) -> jax.Array:
     """Max pooling of NHWC x over window x window, symmetric padding (padded positions
     never win); the gradient goes to the first maximum of each window."""
     if not 0 <= padding < window:
         raise ValueError(f"max_pool padding must be in [0, window), got {padding} for "
                          f"window {window}")
-    if precision.resolve() == "onednn":
-        return _onednn_max_pool(x.astype(jnp.float32), window, strides, padding)
+    if compute.resolve() == "onednn":
+        return train_onednn.max_pool(x.astype(jnp.float32),
+                                     _pool_shape(x.shape, window, strides, padding), window,
+                                     strides, padding)
     return _xla_max_pool(x, window, strides, padding)

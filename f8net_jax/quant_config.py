@@ -1,6 +1,7 @@
 """How a model quantizes: ``QuantConfig``, the one object that picks the arithmetic of a
 model definition (float or the F8Net fixed-point simulation, and every choice within it).
-Its defaults are the quant block of f8net_jax/defaults.py."""
+Its fields, with their defaults and comments, are the quant block of the config
+(``config_defaults()``, in f8net_jax/defaults.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from f8net_jax import folding, ops
 
 MODES = ("float", "fixed")
 GRANULARITIES = ("layer", "channel")
+LOOP_FIELDS = ("batch_axis_name",)  # QuantConfig fields the training loop sets, not configs
 
 
 def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -23,26 +25,32 @@ def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
 class QuantConfig:
     """How a model quantizes. One model definition; this object picks the arithmetic."""
 
+    # Every field but the LOOP_FIELDS is a field of the config's quant block, with this
+    # default and this comment (f8net_jax/defaults.py builds the block from them).
     mode: str = "fixed"            # "float" (full precision) or "fixed" (F8Net simulation)
-    format_rule: str = "std"       # format from "std", "mae", "rms" statistics, or "grid"
+    format_rule: str = "std"       # formats from "std", "mae", "rms" statistics, or "grid" search
     granularity: str = "layer"     # weight formats per "layer" or per output "channel"
-    clipping: bool = True          # PACT alpha (off: no clipping, s = 1, tiny fine-tuning)
+    clipping: bool = True          # PACT alpha; off: no clipping, s = 1 (tiny fine-tuning)
     format_momentum: float = 0.1   # running input format: buf <- (1-m) buf + m fl_batch
-    weight_format: tuple = (8, 7)  # (bits, initial fraclen); fl is re-chosen every step
-    input_format: tuple = (8, 6)   # (bits, initial running fraclen of every layer input)
+    weight_format: tuple = (8, 7)  # (bits, initial fraclen) of weights; re-chosen every step
+    input_format: tuple = (8, 6)   # (bits, initial running fraclen) of every layer input
     consistent_clip: bool = False  # METHOD.md 8.6: train with the running format's scale
     alpha_init: float = 8.0        # initial PACT clipping level
     bn_momentum: float = 0.1       # PyTorch convention: running <- 0.9 running + 0.1 batch
-    bn_eps: float = 1e-5
+    bn_eps: float = 1e-5           # BatchNorm epsilon
     rescale_classifier: bool = True   # classifier weight rescaling of the official configs
     share_classifier_alpha: bool = False  # METHOD.md 8.7: classifier reads the chain's alpha
-    normalized_input: bool = False  # images arrive normalized (signed) instead of as pixels
+    normalized_input: bool = False  # feed mean/std-normalized images (signed), not pixels
     batch_axis_name: Optional[str] = None  # pmap axis: batch statistics over all devices
-    precision: str = "float32"     # operands of the float products and of the backward
-    conv_backend: str = "auto"     # "auto", "xla" or "onednn" (f8net_jax.ops)
-    exact_dtype: str = "auto"      # operands of the exact pass (auto: bf16 off the CPU)
-    share_alpha: bool = True       # METHOD.md 5: the readers of one stream share its alpha
-    wide_fraclen: bool = False     # weight fraclens may pass the word length (fp.max_fraclen)
+    precision: str = "float32"     # operands of the float products and the backward:
+                                   # "float32", or "bfloat16" on GPU/TPU (f8net_jax.ops)
+    conv_backend: str = "auto"     # "auto" (oneDNN on CPU if found), "xla", "onednn"
+    exact_dtype: str = "auto"      # operands of the exact (8-bit grid) pass under XLA:
+                                   # "auto" (bfloat16 on GPU/TPU), "bfloat16", "float32"
+    share_alpha: bool = True       # METHOD.md 5: the readers of one stream share its alpha;
+                                   # False: every layer its own (an ablation)
+    wide_fraclen: bool = False     # weight fraclens may pass the word length (up to 15):
+                                   # more of the int8 codes for small weights (fp.max_fraclen)
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)
@@ -76,9 +84,10 @@ class QuantConfig:
         self.compute  # checks the three fields
 
     @property
-    def compute(self) -> ops.Precision:
-        """The precision policy of this model's products (f8net_jax.ops)."""
-        return ops.Precision(self.precision, self.conv_backend, self.exact_dtype)
+    def compute(self) -> ops.ComputePolicy:
+        """How this model's products are computed: operand precision and backend
+        (f8net_jax.ops)."""
+        return ops.ComputePolicy(self.precision, self.conv_backend, self.exact_dtype)
 
     @property
     def fixed(self) -> bool:
@@ -97,3 +106,10 @@ class QuantConfig:
         if unknown:
             raise ValueError(f"unknown quant field(s) {unknown}; allowed: {sorted(known)}")
         return cls(**items)
+
+
+def config_defaults() -> dict:
+    """The quant block of the default config: {field: default} of every QuantConfig field
+    but the LOOP_FIELDS."""
+    return {f.name: f.default for f in dataclasses.fields(QuantConfig)
+            if f.name not in LOOP_FIELDS}

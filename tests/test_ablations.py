@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from experiments import ablations, report
-from f8net_jax import train
+from f8net_jax import run_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FASHION = str(ROOT / "configs" / "fashion_mnist_resnet20_f8.py")
@@ -27,7 +27,7 @@ def test_every_setting_is_a_valid_config_of_the_base(setting):
     config = build(setting, fp_epochs=3, f8_epochs=1, sets=["train_examples=2000"])
     check = config.copy_and_resolve_references()
     check.init_from = ""
-    train.check_config(check)
+    run_config.check_config(check)
     assert config.seed == 1 and config.train_examples == 2000
     from_fp, overrides = ablations.SETTINGS[setting]
     assert config.init_from == ("/runs/fp/seed1" if from_fp else "")

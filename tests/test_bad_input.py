@@ -143,6 +143,13 @@ def tiny_config(**overrides):
     return config
 
 
+# tiny_config() as the command's flags
+TINY_FLAGS = ("--config.dataset=synthetic", "--config.channels=1", "--config.image_size=8",
+              "--config.batch_size=16", "--config.synthetic_train_size=96",
+              "--config.synthetic_eval_size=16", "--config.num_train_steps=4",
+              "--config.checkpoint_every_steps=2", "--config.log_every_steps=2")
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A workdir with checkpoints at steps 2 and 4 and its final state."""
@@ -229,16 +236,26 @@ def test_a_run_resumed_past_a_damaged_checkpoint_ends_as_an_undamaged_one(traine
 
 
 @pytest.mark.xdist_group("trained_workdir")
+def test_a_truncated_checkpoint_gives_one_warning_line_and_no_traceback(trained, tmp_path):
+    workdir = fresh_copy(trained, tmp_path)
+    truncate(workdir, 4)
+    out, seconds = run_main("--config=configs/smoke.py", f"--workdir={workdir}", *TINY_FLAGS)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    assert "Traceback" not in text and "Event loop is closed" not in text, text[-3000:]
+    reported = [line for line in text.splitlines() if "step 4" in line and "cannot" in line]
+    assert len(reported) == 1 and len(reported[0]) < 600, reported
+    assert re.match(r"W.* checkpoint at step 4 \(.*\) cannot be read: \S", reported[0])
+    assert "resuming from the checkpoint at step 2 instead" in text
+    assert re.search(r"Resumed from .* at step 2", text)
+
+
+@pytest.mark.xdist_group("trained_workdir")
 def test_when_no_checkpoint_verifies_the_run_stops_and_moves_nothing(trained, tmp_path):
     workdir = fresh_copy(trained, tmp_path)
     truncate(workdir, 4)
     forge_digest(workdir, 2)
-    out, seconds = run_main("--config=configs/smoke.py", f"--workdir={workdir}",
-                            "--config.dataset=synthetic", "--config.channels=1",
-                            "--config.image_size=8", "--config.batch_size=16",
-                            "--config.synthetic_train_size=96", "--config.synthetic_eval_size=16",
-                            "--config.num_train_steps=4", "--config.checkpoint_every_steps=2",
-                            "--config.log_every_steps=2")
+    out, seconds = run_main("--config=configs/smoke.py", f"--workdir={workdir}", *TINY_FLAGS)
     message = last_line(out)
     assert out.returncode != 0 and "no checkpoint in" in message, out.stderr[-2000:]
     assert "step 4" in message and "step 2" in message and "Nothing was moved" in message
@@ -406,6 +423,41 @@ PROGRAM_EDITS = {
                            r"op \d+ \(avg_pool avg_pool\) lacks the field 'window'"),
     "tensor_channels": (lambda p: p.tensors["image"].update(channels=0),
                         r"tensor 'image': 'channels' must be a positive integer, got 0"),
+    "tensor_fraclen_text": (lambda p: p.tensors["stem"]["fraclen"].__setitem__(0, "15"),
+                            r"tensor 'stem': 'fraclen' must hold integers"),
+    # Shifts and fraclens that do not follow from the fraclens of the tensors.
+    "requantize_shift_value": (edit_op("requantize", lambda op, p: op["shift"].__setitem__(3, 9)),
+                               r"op 2 \(requantize stage1_block1/body_0/input\): 'shift' is "
+                               r"\[10, 10, 10, 9, 10, 10, 10, 10, \.\.\.\], which does not "
+                               r"follow from the fraclens of 'stem' \(15\) and "
+                               r"'stage1_block1/body_0/input' \(5\): expected 10"),
+    "requantize_out_fraclen": (lambda p: p.tensors["stage1_block1/body_0/input"].update(
+                                   fraclen=[6] * 16),
+                               r"op 2 \(requantize stage1_block1/body_0/input\): 'shift' is 10, "
+                               r"which .* 'stage1_block1/body_0/input' \(6\): expected 9"),
+    "conv_out_fraclen": (lambda p: p.tensors["stem"].update(fraclen=[14] * 16),
+                         r"op 1 \(conv stem\): the fraclen of 'stem' is 14, which does not "
+                         r"follow from the fraclens of 'image' \(8\): expected 15"),
+    "conv_input_fraclen": (edit_op("conv", lambda op, p: op.update(input_fraclen=6)),
+                           r"op 1 \(conv stem\): 'input_fraclen' 6 is not the fraclen of "
+                           r"'image' \(8\)"),
+    "conv_without_weight_fraclen": (edit_op("conv", lambda op, p: op.pop("weight_fraclen")),
+                                    r"op 1 \(conv stem\) lacks the field 'weight_fraclen'"),
+    "image_fraclen": (lambda p: p.tensors["image"].update(fraclen=[7]),
+                      r"op 0 \(image image\): the fraclen of 'image' is 7: pixels have "
+                      r"fraclen 8"),
+    "relu_fraclen": (lambda p: p.tensors["stem/relu"].update(fraclen=[14] * 16),
+                     r"op 6 \(relu stem/relu\): the fraclen of 'stem/relu' is 14"),
+    "add_shift_value": (edit_op("add", lambda op, p: op["shift"].__setitem__(1, [1] * 16)),
+                        r"op 7 \(add stage1_block1\): the shift of 'stem/relu' is 1, which "
+                        r"does not follow from the fraclens of 'stage1_block1/body_1' \(12\) "
+                        r"and 'stem/relu' \(15\): expected 0"),
+    "add_out_fraclen": (lambda p: p.tensors["stage1_block1"].update(fraclen=[16] * 16),
+                        r"op 7 \(add stage1_block1\): the fraclen of 'stage1_block1' is 16, "
+                        r"which .*: expected 15"),
+    "avg_pool_shift_value": (edit_op("avg_pool", lambda op, p: op.update(shift=3)),
+                             r"op \d+ \(avg_pool avg_pool\): 'shift' is 3, which does not "
+                             r"follow from the window 4: expected 2"),
 }
 
 

@@ -473,7 +473,7 @@ def test_every_official_state_dict_converts_into_every_variable(model, mode):
     if mode == "fixed":
         config = convert.default_config("official", model)
     else:  # its 'floating' configs: PACT clipping, pixels in
-        from f8net_jax.train import load_config_file
+        from f8net_jax.run_config import load_config_file
         config = load_config_file(str(ROOT / "configs" / f"imagenet_{model}_fp.py"))
     model_, values, _, _ = convert.convert("official", model, state, config)
     _, shapes, _ = convert.our_shapes(config, 1000)

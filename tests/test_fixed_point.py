@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from f8net_jax import fixed_point as fp
+from f8net_jax import format_rules as rules
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -117,59 +118,59 @@ def test_jit_vmap_and_grad_through_quantize_with_a_traced_fraclen():
 # ----------------------------------------------------------------- format rules
 
 
-@given(st.floats(1e-30, 1e30, allow_nan=False), st.sampled_from(fp.METRICS), st.booleans())
+@given(st.floats(1e-30, 1e30, allow_nan=False), st.sampled_from(rules.METRICS), st.booleans())
 def test_fraclen_from_metric_follows_the_rule(m, metric, signed):
     m = np.float32(m)
-    c = fp.METRIC_CONSTANTS[metric][0 if signed else 1]
+    c = rules.METRIC_CONSTANTS[metric][0 if signed else 1]
     ratio = np.float32(c) * (np.float32(1.0) / m)
     expected = np.clip(np.floor(np.log2(np.float64(ratio))), 0, 8 - int(signed))
-    assert float(fp.fraclen_from_metric(m, metric=metric, signed=signed)) == expected
+    assert float(rules.fraclen_from_metric(m, metric=metric, signed=signed)) == expected
 
 
 def test_fraclen_from_metric_handles_zero_and_infinity():
-    out = fp.fraclen_from_metric(np.array([0.0, np.inf], np.float32), signed=True)
+    out = rules.fraclen_from_metric(np.array([0.0, np.inf], np.float32), signed=True)
     np.testing.assert_array_equal(out, [7.0, 0.0])
-    out = fp.fraclen_from_metric(np.array([0.0, np.inf], np.float32), metric="rms", signed=False)
+    out = rules.fraclen_from_metric(np.array([0.0, np.inf], np.float32), metric="rms", signed=False)
     np.testing.assert_array_equal(out, [8.0, 0.0])
 
 
 def test_fraclen_from_metric_std_matches_hand_computed_formats():
     # c = 40 signed: sigma = 1 -> floor(log2 40) = 5; sigma = 0.3 -> log2(133.3) -> 7.
     # c = 70 unsigned: sigma = 1 -> floor(log2 70) = 6; sigma = 100 -> log2(0.7) < 0 -> 0.
-    np.testing.assert_array_equal(fp.fraclen_from_metric(np.float32([1.0, 0.3]), signed=True), [5, 7])
-    np.testing.assert_array_equal(fp.fraclen_from_metric(np.float32([1.0, 100.0]), signed=False), [6, 0])
+    np.testing.assert_array_equal(rules.fraclen_from_metric(np.float32([1.0, 0.3]), signed=True), [5, 7])
+    np.testing.assert_array_equal(rules.fraclen_from_metric(np.float32([1.0, 100.0]), signed=False), [6, 0])
 
 
 @given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=3, min_side=2, max_side=5),
                   elements=st.floats(-100, 100, width=32)),
-       st.sampled_from(fp.METRICS))
+       st.sampled_from(rules.METRICS))
 def test_tensor_metric_per_channel_equals_metric_of_each_slice(x, metric):
-    per_channel = np.asarray(fp.tensor_metric(x, metric, axis=0))
+    per_channel = np.asarray(rules.tensor_metric(x, metric, axis=0))
     for c in range(x.shape[0]):
-        np.testing.assert_allclose(per_channel[c], fp.tensor_metric(x[c], metric), rtol=1e-5,
+        np.testing.assert_allclose(per_channel[c], rules.tensor_metric(x[c], metric), rtol=1e-5,
                                    atol=1e-6)
 
 
 def test_tensor_metric_definitions():
     x = np.array([1.0, -2.0, 3.0, -4.0], np.float32)
-    np.testing.assert_allclose(fp.tensor_metric(x, "std"), np.std(x, ddof=1), rtol=1e-6)
-    np.testing.assert_allclose(fp.tensor_metric(x, "mae"), 2.5, rtol=1e-6)
-    np.testing.assert_allclose(fp.tensor_metric(x, "rms"), np.sqrt(7.5), rtol=1e-6)
+    np.testing.assert_allclose(rules.tensor_metric(x, "std"), np.std(x, ddof=1), rtol=1e-6)
+    np.testing.assert_allclose(rules.tensor_metric(x, "mae"), 2.5, rtol=1e-6)
+    np.testing.assert_allclose(rules.tensor_metric(x, "rms"), np.sqrt(7.5), rtol=1e-6)
 
 
 @given(tensor_and_format())
 def test_grid_search_picks_the_first_lowest_error(case):
     x, _, signed, bits = case
-    errors = [float(fp.quantization_rms_error(x, fl, signed=signed, bits=bits))
+    errors = [float(rules.quantization_rms_error(x, fl, signed=signed, bits=bits))
               for fl in range(fp.max_fraclen(signed=signed, bits=bits) + 1)]
-    assert float(fp.fraclen_grid_search(x, signed=signed, bits=bits)) == float(np.argmin(errors))
+    assert float(rules.fraclen_grid_search(x, signed=signed, bits=bits)) == float(np.argmin(errors))
 
 
 def test_grid_search_per_channel_equals_search_on_each_channel():
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((3, 3, 4, 5)) * np.array([0.01, 0.1, 1.0, 5.0, 50.0])).astype(np.float32)
-    per_channel = np.asarray(fp.fraclen_grid_search(w, signed=True, axis=-1))
-    expected = [float(fp.fraclen_grid_search(w[..., c], signed=True)) for c in range(5)]
+    per_channel = np.asarray(rules.fraclen_grid_search(w, signed=True, axis=-1))
+    expected = [float(rules.fraclen_grid_search(w[..., c], signed=True)) for c in range(5)]
     np.testing.assert_array_equal(per_channel, expected)
     assert per_channel[0] == 7 and per_channel[-1] < 3
 
@@ -270,15 +271,15 @@ def test_quantize_rejects_integer_input():
 
 def test_format_rules_reject_bad_arguments():
     with pytest.raises(ValueError, match=r"metric must be one of \['std', 'mae', 'rms'\]"):
-        fp.tensor_metric(X, "max")
+        rules.tensor_metric(X, "max")
     with pytest.raises(ValueError, match="metric must be one of"):
-        fp.fraclen_from_metric(1.0, metric="var", signed=True)
+        rules.fraclen_from_metric(1.0, metric="var", signed=True)
     with pytest.raises(ValueError, match="fitted for bits=8 only.*fraclen_grid_search"):
-        fp.fraclen_from_metric(1.0, signed=True, bits=4)
+        rules.fraclen_from_metric(1.0, signed=True, bits=4)
     with pytest.raises(ValueError, match="axis=-4 is out of bounds"):
-        fp.tensor_metric(X, "std", axis=-4)
+        rules.tensor_metric(X, "std", axis=-4)
     with pytest.raises(ValueError, match=r"bits must be in \[2, 16\]"):
-        fp.fraclen_grid_search(X, signed=True, bits=20)
+        rules.fraclen_grid_search(X, signed=True, bits=20)
 
 
 def test_requantize_rejects_bad_arguments():

@@ -2,6 +2,7 @@
 intermediate tensor) for every architecture, the jaxpr audit, static bounds, save/load,
 jax.export and the export/verify commands."""
 
+import functools
 import json
 import os
 import re
@@ -10,17 +11,20 @@ import subprocess
 import sys
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from f8net_jax import fixed_point as fp
-from f8net_jax import integer, models
-from f8net_jax.integer import (audit, executor, onednn, program as program_lib, verification,
-                               vnni)
+from f8net_jax import integer, machine, models
+from f8net_jax.integer import (audit, backends, executor, onednn, program as program_lib,
+                               verification, vnni)
 from f8net_jax.integer.verification import verify
-from f8net_jax.layers import QuantConfig
+from f8net_jax.layers import QuantConfig, QuantConvBN, QuantDense
+from f8net_jax.models.common import prepare_image
+from f8net_jax.streams import global_average_pool, relu, scale_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = ["im2col"] + (["xla", "vnni", "onednn"] if jax.default_backend() == "cpu" else [])
@@ -203,12 +207,12 @@ def test_requantize_with_mixed_shifts_matches_exact_rounding(signed):
     # float64 holds acc * 2^-shift exactly; np.round rounds half to even.
     ref = np.clip(np.round(acc.astype(np.float64) * np.exp2(-shift.astype(np.float64))), lo, hi)
     for code in ("s8",) if signed else ("u8", "s8"):
-        got = np.asarray(executor._requantize(jnp.asarray(acc), shift, signed, code), np.int64)
+        got = np.asarray(backends._requantize(jnp.asarray(acc), shift, signed, code), np.int64)
         np.testing.assert_array_equal(got + (128 if code == "s8" and not signed else 0), ref)
 
 
 def test_vnni_kernel_builds_on_cpus_that_have_the_instructions():
-    if not vnni._cpu_has_vnni():
+    if not machine.x86_features(["avx512_vnni"]):
         pytest.skip("this CPU has no AVX-512 VNNI: the executor uses XLA's convolutions")
     if jax.default_backend() != "cpu":
         pytest.skip("JAX computes on an accelerator here")
@@ -305,7 +309,7 @@ def test_saturating_add_clips_instead_of_wrapping():
     a = rng.integers(-2 ** 31, 2 ** 31, 4096, dtype=np.int64)
     b = rng.integers(-2 ** 31, 2 ** 31, 4096, dtype=np.int64)
     a[:4], b[:4] = [2 ** 31 - 1, -2 ** 31, 5, -7], [1, -1, -5, 7]
-    got = np.asarray(executor.saturating_add(jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32)))
+    got = np.asarray(backends.saturating_add(jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32)))
     np.testing.assert_array_equal(got, np.clip(a + b, -2 ** 31, 2 ** 31 - 1))
 
 
@@ -377,6 +381,69 @@ def test_export_rejects_float_models_and_foreign_variables():
         integer.export(fixed, "resnet18", {"quant": QuantConfig()}, image_shape=(32, 32, 1))
     with pytest.raises(ValueError, match="multiples of 4"):
         integer.export(fixed, "resnet20", {"quant": QuantConfig()}, image_shape=(18, 18, 1))
+
+
+class Activated(nn.Module):
+    """A stem and the classifier, the stem's activation looked up by name."""
+
+    quant: QuantConfig
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        activations = {"relu": relu, "relu6": functools.partial(relu, limit=6.0)}
+        x = prepare_image(x, total_stride=1, model="Activated")
+        stem = QuantConvBN(x.shape[-1], 8, 3, self.quant, input_kind="image", name="stem")
+        classifier = QuantDense(8, 10, self.quant, name="classifier")
+        alphas, scales = scale_plan([stem, classifier])
+        x = stem(x, alpha=alphas[0], out_scale=scales[1], train=train)
+        x, factor = global_average_pool(activations[self.activation](x), self.quant)
+        return classifier(x, alpha=alphas[1], input_factor=factor, train=train)
+
+
+def _activated():
+    model = Activated(QuantConfig())
+    return model, model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1), np.uint8))
+
+
+@pytest.mark.parametrize("activation, error, match", [
+    ("gelu", KeyError, "gelu"),  # no such activation in the model's table
+    ("relu6", TypeError, "unexpected keyword argument 'limit'"),  # relu takes no limit
+])
+def test_errors_of_the_models_own_code_keep_their_type_and_traceback(activation, error,
+                                                                      match):
+    model, variables = _activated()
+    integer.export(variables, model, image_shape=(8, 8, 1))  # the model itself exports
+    with pytest.raises(error, match=match) as caught:
+        integer.export(variables, model.clone(activation=activation), image_shape=(8, 8, 1))
+    assert any(entry.name == "__call__" and str(entry.path) == __file__ for entry in
+               caught.traceback), "the traceback reaches the model's __call__"
+
+
+def _edit(variables, collection, path, value):
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables[collection]))
+    if value is None:
+        del flat[path]
+    else:
+        flat[path] = value
+    return {**variables, collection: flax.traverse_util.unflatten_dict(flat)}
+
+
+@pytest.mark.parametrize("collection, path, value, match", [
+    ("params", ("stem", "kernel"), np.zeros((3, 3, 1, 4), np.float32),
+     r"params/stem/kernel has shape \(3, 3, 1, 4\), the model's has \(3, 3, 1, 8\)"),
+    ("quant_stats", ("classifier", "input", "fraclen"), np.zeros(8, np.float32),
+     r"quant_stats/classifier/input/fraclen has shape \(8,\), the model's has \(\)"),
+    ("batch_stats", ("stem", "mean"), None, "batch_stats/stem/mean is missing"),
+    ("params", ("head", "kernel"), np.zeros((8, 10), np.float32),
+     "params/head/kernel is not one of the model's variables"),
+])
+def test_variables_that_are_not_the_models_are_named(collection, path, value, match):
+    model, variables = _activated()
+    with pytest.raises(ValueError, match="the variables are not those of a Activated "
+                                         rf"\({match}\)"):
+        integer.export(_edit(variables, collection, path, value), model,
+                       image_shape=(8, 8, 1))
 
 
 def test_jax_export_serializes_the_executor_for_a_fixed_batch():
@@ -479,13 +546,18 @@ def test_edited_program_graphs_are_refused(tmp_path):
     def more_classes(h):
         h["num_classes"] = 12
 
-    def other_shift(h):  # well-formed, but not what was exported
+    def other_shift(h):  # not what the fraclens give
         op = next(op for op in h["ops"] if op["op"] == "requantize")
         op["shift"] = [s + 1 for s in op["shift"]]
 
+    def saturating(h):  # well-formed, but not what was exported
+        op = next(op for op in h["ops"] if op["op"] == "conv")
+        op["saturate"] = not op["saturate"]
+
     for edit, match in ((extra_relu, "must be the logits"), (inner_output, "must be the logits"),
                         (more_classes, "have 10 channels but num_classes is 12"),
-                        (other_shift, "does not match its checksum")):
+                        (other_shift, r"op \d+ \(requantize .*\): 'shift' is .* does not follow"),
+                        (saturating, "does not match its checksum")):
         with pytest.raises(ValueError, match=match):
             load_edited(edit)()
 
@@ -493,7 +565,7 @@ def test_edited_program_graphs_are_refused(tmp_path):
 def test_every_backend_runs_every_op_kind_and_commands_do_not_shadow_the_library():
     import importlib
 
-    for name, backend in executor.BACKENDS.items():
+    for name, backend in executor.EXECUTOR_BACKENDS.items():
         assert backend.name == name and set(backend.table()) == set(program_lib.OPS)
     importlib.import_module("f8net_jax.integer.export_program")
     importlib.import_module("f8net_jax.integer.verify_program")

@@ -273,3 +273,15 @@ def test_the_default_config_quant_block_holds_quant_config_defaults():
     for name, value in block.items():
         assert tuple(value) == fields[name] if isinstance(value, (tuple, list)) \
             else value == fields[name], name
+    assert QuantConfig.from_config(defaults.get_config().quant) == QuantConfig()
+
+
+def test_every_quant_config_field_has_its_comment_beside_it():
+    """defaults.py builds the quant block from the fields: their comments are its docs."""
+    import dataclasses
+    import inspect
+    import re
+
+    source = inspect.getsource(QuantConfig)
+    for field in dataclasses.fields(QuantConfig):
+        assert re.search(rf"^    {field.name}: [^=]+ = [^#]+# \S", source, re.M), field.name

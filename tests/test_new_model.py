@@ -10,11 +10,11 @@ import pytest
 from flax import jax_utils
 
 from f8net_jax.configs import default
-from f8net_jax import integer, recording, train
+from f8net_jax import integer, recording, steps
 from f8net_jax.integer import audit
 from f8net_jax.integer.verification import verify
-from f8net_jax.layers import (QuantConfig, QuantConvBN, QuantDense, global_average_pool,
-                              max_pool, relu, residual_add, scale_plan)
+from f8net_jax.layers import QuantConfig, QuantConvBN, QuantDense
+from f8net_jax.streams import global_average_pool, max_pool, relu, residual_add, scale_plan
 from f8net_jax.models.common import prepare_image
 
 
@@ -42,7 +42,7 @@ class TinyNet(nn.Module):
         x = relu(pointwise(x, alpha=alphas[2], out_scale=scales[3], train=train))
         a = wide(x, alpha=alphas[3], out_scale=scales[4], train=train)
         b = narrow(x, alpha=alphas[3], out_scale=scales[4], train=train)
-        x = max_pool(residual_add(a, b, relu=True), 3, 2, 1, precision=q.compute)
+        x = max_pool(residual_add(a, b, relu=True), 3, 2, 1, compute=q.compute)
         x, factor = global_average_pool(x, q)
         return classifier(x, alpha=alphas[4], input_factor=factor, train=train)
 
@@ -50,10 +50,10 @@ class TinyNet(nn.Module):
 def test_a_new_network_trains_exports_and_runs_bit_exact_with_no_exporter_change():
     config = default.get_config()
     config.quant.rescale_classifier = False
-    model = TinyNet(num_classes=10, quant=train.quant_config(config))
-    lr_fn = train.learning_rate_fn(config, steps_per_epoch=4, total_steps=4)
-    state = train.create_train_state(jax.random.PRNGKey(0), config, model, (16, 16, 3), lr_fn)
-    step = jax.pmap(functools.partial(train.train_step, model=model), axis_name="batch")
+    model = TinyNet(num_classes=10, quant=steps.quant_config(config))
+    lr_fn = steps.learning_rate_fn(config, steps_per_epoch=4, total_steps=4)
+    state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (16, 16, 3), lr_fn)
+    step = jax.pmap(functools.partial(steps.train_step, model=model), axis_name="batch")
     state = jax_utils.replicate(state)
     rng = np.random.default_rng(0)
     for _ in range(4):
@@ -61,7 +61,7 @@ def test_a_new_network_trains_exports_and_runs_bit_exact_with_no_exporter_change
                  "label": rng.integers(0, 10, (1, 16)).astype(np.int32),
                  "mask": np.ones((1, 16), bool)}
         state, _ = step(state, batch)
-    state = jax.device_get(train.unreplicate(state))
+    state = jax.device_get(steps.unreplicate(state))
     # A larger BatchNorm scale on one branch: its folded weights take a coarser format.
     params = dict(state.params, narrow=dict(state.params["narrow"],
                                             scale=state.params["narrow"]["scale"] * 4.0))

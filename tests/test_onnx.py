@@ -102,6 +102,7 @@ def test_export_command_writes_an_onnx_model_of_the_trained_run(smoke_workdir, t
                   f"--output={out}", "--onnx")
     assert result.returncode == 0, result.stderr
     assert "onnx: exact in a runtime's float32 sums" in result.stdout
+    assert "openvino: compile with INFERENCE_PRECISION_HINT=f32" in result.stdout
     program = integer.load(out)
     model = onnx.load(out + ".onnx")
     check_graph(model, program)
@@ -145,3 +146,4 @@ def test_the_exporter_names_ops_whose_float32_sums_could_round():
     props = {p.key: p.value for p in model.metadata_props}
     assert layer in props["inexact_ops"]
     assert props["logits_fraclen"] == str(program.logits_fraclen)
+    assert "INFERENCE_PRECISION_HINT=f32" in props["openvino"]

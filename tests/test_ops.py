@@ -1,4 +1,4 @@
-"""The models' convolutions, matmuls and pools (f8net_jax.ops): the precision policy is exact,
+"""The models' convolutions, matmuls and pools (f8net_jax.ops): the compute policy is exact,
 the oneDNN backend computes what XLA computes, the hand-written gradients are autodiff's."""
 
 import functools
@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 from f8net_jax import fixed_point as fp
-from f8net_jax import layers, models, ops, train
+from f8net_jax import layers, models, ops, streams, train_onednn
 from f8net_jax.layers import QuantConfig
+from f8net_jax.steps import cross_entropy
 
-ONEDNN, WHY = ops.onednn_status()
+ONEDNN, WHY = train_onednn.status()
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason=f"oneDNN not available: {WHY}")
-XLA = ops.Precision(backend="xla", exact_dtype="float32")
-XLA_BF16 = ops.Precision(backend="xla", exact_dtype="bfloat16")
-ONEDNN_F32 = ops.Precision(backend="onednn")
+XLA = ops.ComputePolicy(backend="xla", exact_dtype="float32")
+XLA_BF16 = ops.ComputePolicy(backend="xla", exact_dtype="bfloat16")
+ONEDNN_F32 = ops.ComputePolicy(backend="onednn")
 
 # (model, image size, channels, extra create kwargs): every architecture at a small size.
 MODELS = [("resnet18", 32, 3, {}), ("resnet50", 32, 3, {}), ("resnet20", 16, 1, {}),
@@ -66,7 +67,7 @@ def test_bfloat16_exact_pass_equals_float32_highest_on_every_model_conv(name, si
             x, w, (stride, stride), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=groups, precision=jax.lax.Precision.HIGHEST)
         got = ops.conv2d(x, w, strides=stride, padding=pad, groups=groups, exact=True,
-                         precision=XLA_BF16)
+                         compute=XLA_BF16)
         assert got.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(got), np.asarray(reference),
                                       err_msg=f"{name} conv {x_shape} * {w_shape}")
@@ -75,7 +76,7 @@ def test_bfloat16_exact_pass_equals_float32_highest_on_every_model_conv(name, si
 def test_bfloat16_exact_matmul_equals_float32():
     rng = np.random.default_rng(1)
     x, w = grid_operands(rng, (8, 1280), (1280, 1000))
-    got = ops.matmul(x, w, exact=True, precision=XLA_BF16)
+    got = ops.matmul(x, w, exact=True, compute=XLA_BF16)
     want = jnp.matmul(x, w, precision=jax.lax.Precision.HIGHEST)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
@@ -93,13 +94,13 @@ class SmallNet(nn.Module):
         readers = [layers.QuantConvBN(8, 16, 3, q, strides=2),
                    layers.QuantConvBN(16, 16, 3, q, depthwise=True),
                    layers.QuantDense(16, 10, q)]
-        alphas, scales = layers.scale_plan([stem] + readers)
+        alphas, scales = streams.scale_plan([stem] + readers)
         x = stem(x.astype(jnp.float32) / 256.0, alpha=alphas[0], out_scale=scales[1],
                  train=train)
-        x = layers.max_pool(nn.relu(x), 3, 2, 1, precision=q.compute)
+        x = streams.max_pool(nn.relu(x), 3, 2, 1, compute=q.compute)
         for i, reader in enumerate(readers[:2]):
             x = reader(x, alpha=alphas[i + 1], out_scale=scales[i + 2], train=train)
-        x, factor = layers.global_average_pool(x, q)
+        x, factor = streams.global_average_pool(x, q)
         return readers[2](x, alpha=alphas[3], input_factor=factor, train=train)
 
 
@@ -116,7 +117,7 @@ def _train_steps(quant_kwargs, mode="fixed", steps=2):
         def loss_fn(params):
             logits, state = model.apply({**variables, "params": params}, x, train=True,
                                         mutable=["batch_stats", "quant_stats"])
-            return train.cross_entropy(logits, labels, jnp.ones(4)), state
+            return cross_entropy(logits, labels, jnp.ones(4)), state
         (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
         params = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, variables["params"], grads)
         return {**variables, **state, "params": params}, loss
@@ -145,16 +146,16 @@ def test_precision_fields_are_checked_by_name():
     with pytest.raises(ValueError, match="exact_dtype"):
         QuantConfig(exact_dtype="int8")
     with pytest.raises(ValueError, match="conv_backend 'onednn' computes in float32"):
-        ops.Precision("bfloat16", "onednn").resolve()
+        ops.ComputePolicy("bfloat16", "onednn").resolve()
 
 
 def test_bfloat16_precision_casts_float_products_and_backward():
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
-    low = ops.Precision("bfloat16", "xla")
-    f = lambda a, b: jnp.sum(ops.conv2d(a, b, padding=1, precision=low) ** 2)
-    g = lambda a, b: jnp.sum(ops.conv2d(a, b, padding=1, precision=XLA) ** 2)
+    low = ops.ComputePolicy("bfloat16", "xla")
+    f = lambda a, b: jnp.sum(ops.conv2d(a, b, padding=1, compute=low) ** 2)
+    g = lambda a, b: jnp.sum(ops.conv2d(a, b, padding=1, compute=XLA) ** 2)
     (va, ga), (vb, gb) = jax.value_and_grad(f, (0, 1))(x, w), jax.value_and_grad(g, (0, 1))(x, w)
     # bfloat16 operands: close to float32, not equal (8 bits of mantissa).
     np.testing.assert_allclose(va, vb, rtol=3e-2)
@@ -184,9 +185,9 @@ def test_onednn_conv_and_gradients_match_xla(x_shape, w_shape, stride, pad, grou
     x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
     w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
 
-    def run(precision):
+    def run(compute):
         f = functools.partial(ops.conv2d, strides=stride, padding=pad, groups=groups,
-                              precision=precision)
+                              compute=compute)
         y, vjp = jax.vjp(f, x, w)
         return (y,) + vjp(jnp.asarray(rng.standard_normal(y.shape), jnp.float32))
 
@@ -241,20 +242,20 @@ def test_onednn_training_matches_xla_to_float_rounding():
 # Max pooling and PACT's clip: hand-written gradients equal autodiff's.
 
 POOLS = [(3, 2, 1), (2, 2, 0), (3, 1, 1), (3, 3, 0), (5, 2, 2)]
-BACKENDS = [XLA] + ([ONEDNN_F32] if ONEDNN else [])
+POLICIES = [XLA] + ([ONEDNN_F32] if ONEDNN else [])
 
 
-@pytest.mark.parametrize("precision", BACKENDS, ids=lambda p: p.backend)
+@pytest.mark.parametrize("compute", POLICIES, ids=lambda p: p.backend)
 @pytest.mark.parametrize("window, stride, pad", POOLS)
 @pytest.mark.parametrize("shape", [(2, 9, 9, 3), (2, 10, 12, 4)])
-def test_max_pool_gradient_goes_to_the_first_maximum(precision, window, stride, pad, shape):
+def test_max_pool_gradient_goes_to_the_first_maximum(compute, window, stride, pad, shape):
     rng = np.random.default_rng(5)
     # Small integers: many ties inside a window; integer gradients: sums are exact.
     x = jnp.asarray(rng.integers(0, 4, shape), jnp.float32)
     reference = lambda v: nn.max_pool(v, (window, window), (stride, stride),
                                       padding=[(pad, pad)] * 2)
     ours = lambda v: ops.max_pool(v, window=window, strides=stride, padding=pad,
-                                  precision=precision)
+                                  compute=compute)
     y, vjp_ref = jax.vjp(reference, x)
     g = jnp.asarray(rng.integers(-3, 4, y.shape), jnp.float32)
     got, vjp = jax.vjp(ours, x)

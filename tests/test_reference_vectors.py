@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from f8net_jax import fixed_point as fp
+from f8net_jax import format_rules as rules
 from conftest import REFERENCE_DIR
 
 
@@ -56,13 +57,13 @@ def test_quantize_per_channel_matches_reference(case):
 METRIC = _load("metric2fraclen.npz")
 
 
-@pytest.mark.parametrize("metric", fp.METRICS)
+@pytest.mark.parametrize("metric", rules.METRICS)
 @pytest.mark.parametrize("signed", [True, False])
 def test_fraclen_from_metric_matches_reference(metric, signed):
     d = METRIC
     key = f"{metric}_signed{int(signed)}"
-    assert fp.METRIC_CONSTANTS[metric][0 if signed else 1] == d[f"coeff_{key}"]
-    ours = np.asarray(fp.fraclen_from_metric(d["metric_values"], metric=metric, signed=signed))
+    assert rules.METRIC_CONSTANTS[metric][0 if signed else 1] == d[f"coeff_{key}"]
+    ours = np.asarray(rules.fraclen_from_metric(d["metric_values"], metric=metric, signed=signed))
     ref = d[key]
     edge = d["near_power_of_two_boundary"]
     np.testing.assert_array_equal(ours[~edge], ref[~edge])
@@ -79,17 +80,17 @@ def test_fraclen_from_metric_edges_agree_with_exact_floor_log2():
     with np.errstate(divide="ignore", over="ignore"):
         ratio = np.float32(40.0) * (np.float32(1.0) / m)
         exact = np.clip(np.floor(np.log2(ratio.astype(np.float64))), 0, 7)
-    ours = np.asarray(fp.fraclen_from_metric(m, metric="std", signed=True))
+    ours = np.asarray(rules.fraclen_from_metric(m, metric="std", signed=True))
     np.testing.assert_array_equal(ours, exact)
 
 
-@pytest.mark.parametrize("metric", fp.METRICS)
+@pytest.mark.parametrize("metric", rules.METRICS)
 def test_tensor_metric_and_rule_match_reference_on_tensors(metric):
     d = METRIC
-    values = np.stack([np.asarray(fp.tensor_metric(t, metric)) for t in d["tensors"]])
+    values = np.stack([np.asarray(rules.tensor_metric(t, metric)) for t in d["tensors"]])
     np.testing.assert_allclose(values, d[f"tensors_{metric}_value"], rtol=2e-6)
     for signed in (True, False):
-        fl = np.asarray(fp.fraclen_from_metric(values, metric=metric, signed=signed))
+        fl = np.asarray(rules.fraclen_from_metric(values, metric=metric, signed=signed))
         np.testing.assert_array_equal(fl, d[f"tensors_{metric}_signed{int(signed)}_fl"])
 
 
@@ -100,10 +101,10 @@ GRID = _load("fraclen_gridsearch.npz")
 def test_fraclen_grid_search_matches_reference(case):
     d = {k[len(f"c{case}_"):]: v for k, v in GRID.items() if k.startswith(f"c{case}_")}
     signed = bool(d["signed"])
-    errors = [np.asarray(fp.quantization_rms_error(d["x"], fl, signed=signed))
+    errors = [np.asarray(rules.quantization_rms_error(d["x"], fl, signed=signed))
               for fl in range(fp.max_fraclen(signed=signed) + 1)]
     np.testing.assert_allclose(errors, d["err_per_fl"], rtol=1e-5, atol=1e-12)
-    assert float(fp.fraclen_grid_search(d["x"], signed=signed)) == float(d["opt_fl"])
+    assert float(rules.fraclen_grid_search(d["x"], signed=signed)) == float(d["opt_fl"])
 
 
 INT_OP = _load("int_op_only_fix_quant.npz")

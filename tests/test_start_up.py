@@ -10,14 +10,14 @@ import textwrap
 
 import pytest
 
-from f8net_jax import native, ops, writers
+from f8net_jax import native, ops, train_onednn, writers
 
 
 def _describe_in_subprocess(env_extra: dict, backend: str = "auto") -> dict:
     code = textwrap.dedent(f"""
         import json
         from f8net_jax import ops
-        print(json.dumps(ops.Precision(backend={backend!r}).describe()))
+        print(json.dumps(ops.ComputePolicy(backend={backend!r}).describe()))
     """)
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env_extra),
                          capture_output=True, text=True, timeout=300, check=True).stdout
@@ -29,17 +29,17 @@ def test_training_logs_its_backends_once_and_keeps_them_in_the_workdir(smoke_wor
     entries = json.load(open(os.path.join(smoke_workdir, writers.BACKENDS_FILE)))
     train = [e for e in entries if e["command"] == "train"]
     assert len(train) == 1
-    expected = ops.Precision().describe()
+    expected = ops.ComputePolicy().describe()
     for key in ("conv_backend", "why", "exact_pass", "statistics_pass", "backward"):
         assert train[0][key] == expected[key]
     assert train[0]["jax"] and train[0]["devices"]
 
 
 def test_auto_names_onednn_when_it_loads():
-    ok, _ = ops.onednn_status()
+    ok, _ = train_onednn.status()
     if not ok:
         pytest.skip("oneDNN does not load here")
-    described = ops.Precision().describe()
+    described = ops.ComputePolicy().describe()
     assert described["conv_backend"] == "onednn"
     assert "auto" in described["why"] and described["exact_pass"] == "oneDNN float32"
 
@@ -67,7 +67,7 @@ def test_auto_gives_the_build_errors_last_line_when_the_kernel_does_not_build(tm
 
 
 def test_an_explicit_backend_says_it_came_from_the_config():
-    assert ops.Precision(backend="xla").describe()["why"] == "conv_backend 'xla' in the config"
+    assert ops.ComputePolicy(backend="xla").describe()["why"] == "conv_backend 'xla' in the config"
 
 
 def test_the_kernel_cache_key_covers_the_contents_of_what_it_is_built_against(tmp_path,

@@ -18,7 +18,7 @@ import pytest
 
 from f8net_jax.configs import default, smoke
 from f8net_jax import data as data_lib
-from f8net_jax import checkpoints, train
+from f8net_jax import checkpoints, run_config, steps, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -193,8 +193,8 @@ def test_fixed_point_run_initialized_from_a_float_run(tmp_path):
     train.train_and_evaluate(config, float_dir)
     _, fp_state = latest_params(float_dir)
     f8 = small_config(num_train_steps=1, learning_rate=0.0, init_from=float_dir)
-    model = train.create_model(f8, 10)
-    state = train.create_train_state(jax.random.PRNGKey(1), f8, model, (8, 8, 1),
+    model = steps.create_model(f8, 10)
+    state = steps.create_train_state(jax.random.PRNGKey(1), f8, model, (8, 8, 1),
                                      optax.constant_schedule(0.0))
     state = train._init_from(state, f8, float_dir)
     ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(state.params))
@@ -216,14 +216,14 @@ def test_training_runs_without_tensorflow(tmp_path):
 def test_learning_rate_follows_the_official_rule():
     config = default.get_config()
     config.learning_rate, config.batch_size, config.warmup_epochs = 0.1, 2048, 5
-    lr = train.learning_rate_fn(config, steps_per_epoch=10, total_steps=150)
+    lr = steps.learning_rate_fn(config, steps_per_epoch=10, total_steps=150)
     assert float(lr(0)) == pytest.approx(0.1)            # starts from the unscaled value
     assert float(lr(25)) == pytest.approx(0.45)          # linear warm-up, halfway
     assert float(lr(50)) == pytest.approx(0.8)           # peak: 0.1 * 2048 / 256
     assert float(lr(100)) == pytest.approx(0.4)          # cosine, halfway through the decay
     assert float(lr(150)) == pytest.approx(0.0, abs=1e-7)
     config.batch_size = 256
-    lr = train.learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
+    lr = steps.learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
     assert float(lr(0)) == pytest.approx(0.1) and float(lr(50)) == pytest.approx(0.05)
 
 
@@ -232,9 +232,9 @@ def test_weight_decay_scheme_excludes_depthwise_batchnorm_and_alpha():
                        "bias": np.zeros(8), "input": {"alpha": np.zeros(())}},
               "dw": {"kernel": np.zeros((3, 3, 1, 8))},
               "classifier": {"kernel": np.zeros((8, 10)), "bias": np.zeros(10)}}
-    mask = flax.traverse_util.flatten_dict(train.weight_decay_mask(params, "no_depthwise_no_bn"))
+    mask = flax.traverse_util.flatten_dict(steps.weight_decay_mask(params, "no_depthwise_no_bn"))
     assert {"/".join(k) for k, v in mask.items() if v} == {"conv/kernel", "classifier/kernel"}
-    assert all(flax.traverse_util.flatten_dict(train.weight_decay_mask(params, "all")).values())
+    assert all(flax.traverse_util.flatten_dict(steps.weight_decay_mask(params, "all")).values())
 
 
 @pytest.mark.parametrize("field, value, error, match", [
@@ -252,7 +252,7 @@ def test_bad_config_values_fail_before_compiling(field, value, error, match):
     else:
         config[node] = value
     with pytest.raises(error, match=match):
-        train.check_config(config)
+        run_config.check_config(config)
 
 
 def test_unknown_config_field_is_named():
@@ -260,7 +260,7 @@ def test_unknown_config_field_is_named():
     with config.unlocked():
         config.learning_rat = 0.1
     with pytest.raises(ValueError, match="config field 'learning_rat' does not exist"):
-        train.check_config(config)
+        run_config.check_config(config)
 
 
 def test_batch_size_must_divide_over_devices():
@@ -358,6 +358,39 @@ def test_two_processes_with_jax_distributed_survive_a_killed_process_and_resume(
     assert not (workdir / checkpoints.DAMAGED).exists()
 
 
+@pytest.mark.slow
+def test_two_processes_resume_from_the_newest_step_both_verified(tmp_path):
+    """Two processes train to step 12 (checkpoints 6 and 12); on the rerun process 1 cannot
+    read checkpoint 12 (its host's read fails, the files are intact): both resume from step
+    6, the newest that every process verified, and complete."""
+    workdir = tmp_path / "dist"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    flaky = [str(ROOT / "tests" / "scripts" / "unreadable_checkpoint.py"), "12"]
+
+    def run(port, steps, fails=False):
+        procs = [subprocess.Popen(
+            [sys.executable, *(flaky if fails and pid == 1 else ["-m", "f8net_jax.main"]),
+             "--config=configs/smoke.py", f"--workdir={workdir}",
+             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+             f"--process_id={pid}", f"--config.num_train_steps={steps}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for pid in range(2)]
+        outputs = [p.communicate(timeout=900)[0] for p in procs]
+        for p, out in zip(procs, outputs):
+            assert p.returncode == 0, out[-3000:]
+        return outputs
+
+    run(14000 + os.getpid() % 1000, 12)
+    assert (workdir / "checkpoints" / "12").is_dir()
+    outputs = run(15000 + os.getpid() % 1000, 18, fails=True)
+    assert "checkpoint at step 12 cannot be read" in outputs[1], outputs[1][-3000:]
+    for out in outputs:
+        assert re.search(r"Resumed from .* at step 6\b", out), out[-3000:]
+    assert "the newest that all 2 processes verified" in outputs[0], outputs[0][-3000:]
+    assert (workdir / "checkpoints" / "18").is_dir()
+    assert (workdir / checkpoints.DAMAGED / "12").is_dir()  # kept, never deleted
+
+
 @pytest.mark.parametrize("dataset", ["fashion_mnist_offline", "mnist5k"])
 def test_offline_datasets_load_without_tensorflow(dataset):
     if dataset == "fashion_mnist_offline" and not os.path.exists(
@@ -401,11 +434,12 @@ def test_imagenet_configs_follow_the_official_recipes():
         assert (config.model, config.quant.mode, config.learning_rate,
                 config.weight_decay_scheme) == (model, mode, lr, scheme), name
         assert (config.batch_size, config.num_epochs, config.weight_decay) == (2048, 150, 4e-5)
-        train.check_config(config)
-    for name, steps, lr in (("imagenet_resnet18_tiny_finetune", 100, 0.0),
-                            ("imagenet_resnet50_tiny_finetune", 500, 1e-4)):
+        run_config.check_config(config)
+    for name, num_steps, lr in (("imagenet_resnet18_tiny_finetune", 100, 0.0),
+                                ("imagenet_resnet50_tiny_finetune", 500, 1e-4)):
         config = importlib.import_module(f"f8net_jax.configs.{name}").get_config()
-        assert (config.batch_size, config.num_train_steps, config.learning_rate) == (128, steps, lr)
+        assert (config.batch_size, config.num_train_steps, config.learning_rate) == (
+            128, num_steps, lr)
         assert (config.quant.clipping, config.quant.format_rule, config.lr_schedule) == (
             False, "grid", "constant")
 
@@ -414,9 +448,9 @@ def test_checkpoints_written_before_digests_still_load(tmp_path):
     import orbax.checkpoint as ocp
 
     config = small_config()
-    model = train.create_model(config, 10)
-    lr_fn = train.learning_rate_fn(config, 6, 12)
-    state = train.create_train_state(jax.random.PRNGKey(0), config, model, (8, 8, 1), lr_fn)
+    model = steps.create_model(config, 10)
+    lr_fn = steps.learning_rate_fn(config, 6, 12)
+    state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (8, 8, 1), lr_fn)
     host = jax.device_get(state)
     workdir = str(tmp_path / "old")
     mngr = ocp.CheckpointManager(checkpoints.directory(workdir),

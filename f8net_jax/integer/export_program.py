@@ -6,9 +6,9 @@
 writes FILE.json (op graph, formats, static checks) and FILE.npz (int8 weights, int32
 biases); with --onnx also FILE.onnx, the program as a QDQ ONNX graph for ONNX Runtime or
 OpenVINO (f8net_jax.integer.onnx_export; it names any op where a runtime's float32 sums
-might round); with --jax_export_batch also FILE.jaxexport, the executor for batches of N
-uint8 images serialized with jax.export (for CPU and CUDA). Nothing is written if the
-export fails.
+might round; OpenVINO is exact with INFERENCE_PRECISION_HINT=f32); with --jax_export_batch
+also FILE.jaxexport, the executor for batches of N uint8 images serialized with jax.export
+(for CPU and CUDA). Nothing is written if the export fails.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def main(argv=None) -> None:
     if args.onnx:
         print("onnx: exact in a runtime's float32 sums wherever they stay below 2^24; the "
               "static check cannot rule out 2^24 for " + (", ".join(inexact) or "no op"))
+        print("openvino: " + onnx_export.OPENVINO)
     print("wrote " + ", ".join(written))
 
 

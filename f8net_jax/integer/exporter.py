@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 import flax
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -32,6 +33,7 @@ from f8net_jax.integer.program import IntegerProgram
 from f8net_jax.models import common
 
 FLOAT_EXACT = 2 ** 24
+COLLECTIONS = ("params", "batch_stats", "quant_stats")  # what a fixed-point model holds
 UNSIGNED, SIGNED = fp.integer_range(signed=False), fp.integer_range(signed=True)
 
 
@@ -295,13 +297,39 @@ def _replay(b: _Builder, events: list, output: str) -> str:
     return names[output]
 
 
+def _shapes(variables) -> dict:
+    """'collection/module/.../name' -> shape, over the collections export reads."""
+    tree = {c: variables[c] for c in COLLECTIONS if c in variables}
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+    return {"/".join(path): tuple(np.shape(v)) for path, v in flat.items()}
+
+
+def _mismatch(model, variables, image_shape) -> Optional[str]:
+    """The first variable where ``variables`` differ from what ``model`` initializes (one
+    missing, one the model has not, another shape), or None. The model's are traced
+    abstractly, so an error of the model's own code surfaces here as it is."""
+    image = jax.ShapeDtypeStruct((1, *image_shape), np.uint8)
+    wanted = _shapes(jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), image))
+    given = _shapes(variables)
+    for path in [*wanted, *(p for p in given if p not in wanted)]:
+        if path not in given:
+            return f"{path} is missing"
+        if path not in wanted:
+            return f"{path} is not one of the model's variables"
+        if given[path] != wanted[path]:
+            return f"{path} has shape {given[path]}, the model's has {wanted[path]}"
+    return None
+
+
 def export(variables: Mapping[str, Any], model, config=None, *,
            image_shape: Optional[tuple] = None) -> IntegerProgram:
     """The integer program of a fixed-point model, built from the record of its own eval
     forward (``f8net_jax.recording``): any model made of this package's layers exports.
 
     Args:
-      variables: the model's 'params', 'batch_stats' and 'quant_stats'.
+      variables: the model's 'params', 'batch_stats' and 'quant_stats', each variable
+        of the shape the model initializes (else ValueError, naming the first that
+        differs).
       model: a linen module built from f8net_jax.layers in fixed-point mode, or the name
         of one of models.MODEL_NAMES (built with ``config``).
       config: for a model name, the training config (a ConfigDict or mapping with 'quant'
@@ -323,7 +351,7 @@ def export(variables: Mapping[str, Any], model, config=None, *,
                          "(train with quant.mode='fixed')")
     if quant.bits != 8:
         raise ValueError(f"integer inference runs 8-bit formats, the model uses {quant.bits}")
-    missing = [c for c in ("params", "batch_stats", "quant_stats") if c not in variables]
+    missing = [c for c in COLLECTIONS if c not in variables]
     if missing:
         raise ValueError(f"variables lack {missing}: a fixed-point model has params, "
                          f"batch_stats and quant_stats")
@@ -353,13 +381,12 @@ def export(variables: Mapping[str, Any], model, config=None, *,
     if len(image_shape) != 3 or image_shape[0] % stride or image_shape[1] % stride:
         raise ValueError(f"image_shape {image_shape}: (height, width, channels) with height "
                          f"and width multiples of {stride} for {name}")
-    try:
-        table = analysis.layer_formats(model, variables, image_shape,
-                                       collections=("formats", "folded"))
-        record = recording.record(model, variables, image_shape)
-    except (flax.errors.FlaxError, KeyError, TypeError) as e:
-        raise ValueError(f"the variables are not those of a {name} "
-                         f"({str(e).splitlines()[0]})") from None
+    mismatch = _mismatch(model, variables, image_shape)
+    if mismatch:
+        raise ValueError(f"the variables are not those of a {name} ({mismatch})")
+    table = analysis.layer_formats(model, variables, image_shape,
+                                   collections=("formats", "folded"))
+    record = recording.record(model, variables, image_shape)
     b = _Builder(table)
     output = _replay(b, record.events, record.output)
     info = {"quant": dataclasses.asdict(quant), "width_multiplier": width}

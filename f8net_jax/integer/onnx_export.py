@@ -21,7 +21,9 @@ saturates, as the program's requantization does (signed tensors are clipped to
 [-127, 127] first: the program's 8-bit range is symmetric). A runtime sums products or
 adds int32 values either in integers or in float32; float32 is exact while every sum's
 integer stays below 2^24, which the program's static checks say per op: ``inexact_ops``
-lists those where they cannot rule it out (``to_onnx`` warns, naming them).
+lists those where they cannot rule it out (``to_onnx`` warns, naming them). OpenVINO
+computes those float parts in bfloat16 by default on CPUs that have it: it is exact with
+INFERENCE_PRECISION_HINT=f32 (the model's metadata says so, under 'openvino').
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from f8net_jax.integer.program import IntegerProgram
 OPSET = 17
 INPUT = "images"
 OUTPUT = "logits"
+OPENVINO = ("compile with INFERENCE_PRECISION_HINT=f32 for logits equal to the integer "
+            "program's; the default precision (bf16 on CPUs that have it) rounds them")
 
 
 def _onnx():
@@ -243,6 +247,7 @@ def to_onnx(program: IntegerProgram, *, intermediates: bool = False, warn: bool 
         "logits_fraclen": str(program.logits_fraclen),
         "inexact_ops": "; ".join(ops_inexact) or "none",
         "layout": "images: uint8 pixels [N, C, H, W]; logits = int32 logits * 2^-logits_fraclen",
+        "openvino": OPENVINO,
     })
     onnx.checker.check_model(model, full_check=True)
     return model

@@ -13,12 +13,19 @@ Ops (each a JSON object with 'op', 'in', 'out'):
               kernel_size // 2, groups for depthwise
   dense       8-bit input, int8 weight, int32 bias -> int32 (the logits)
   requantize  int32 -> 8-bit: rounding right shift (half to even) or saturating left shift
-              per channel, then saturation to the 8-bit range (the ReLU of unsigned ones)
+              per channel (shift = fl_in - fl_out), then saturation to the 8-bit range
+              (the ReLU of unsigned ones)
   relu        int32 max(x, 0)
   add         int32 + int32, each shifted left to the finer format first (alignment)
   max_pool    int32 window max
   avg_pool    int32 global sum; the value is the mean's sum * 2^-shift, so the format gains
               'shift' fractional bits and no rounding happens here
+
+Shifts and formats follow from the fraclens of the tensors: a layer's accumulator has
+fraclen input + weight, a requantize shifts by fl_in - fl_out, an add's output has its
+finer operand's fraclen and each operand is shifted left by the difference, an avg_pool's
+output gains its shift, relu and max_pool keep their input's; ``validate`` refuses a
+program where they do not (``FORMAT_RULES``, one rule per op kind).
 
 'saturate' on an op means the static check could not rule out leaving int32 there, so the
 executor uses saturating arithmetic (see ``exporter``).
@@ -32,9 +39,11 @@ import io
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
+
+from f8net_jax import folding
 
 FORMAT = "f8net_jax.integer_program"
 VERSION = 2  # 2: the op graph carries its own checksum (graph_sha256)
@@ -47,8 +56,9 @@ OP_FIELDS = {
     "image": (0, {}),
     "lookup": (0, {"table": str}),
     "conv": (1, {"name": str, "weight": str, "bias": str, "strides": int, "padding": int,
-                 "groups": int, "saturate": bool}),
-    "dense": (1, {"name": str, "weight": str, "bias": str, "saturate": bool}),
+                 "groups": int, "saturate": bool, "input_fraclen": int, "weight_fraclen": list}),
+    "dense": (1, {"name": str, "weight": str, "bias": str, "saturate": bool,
+                  "input_fraclen": int, "weight_fraclen": list}),
     "requantize": (1, {"signed": bool, "shift": list}),
     "relu": (1, {}),
     "add": (2, {"name": str, "shift": list, "relu": bool, "saturate": bool}),
@@ -107,6 +117,8 @@ class IntegerProgram:
                 fail(f"tensor {name!r}: 'channels' must be a positive integer, got {channels!r}")
             if not _is(tensor.get("fraclen"), list) or len(tensor["fraclen"]) != channels:
                 fail(f"tensor {name!r} needs one fraclen per channel")
+            if not all(_is(v, int) for v in tensor["fraclen"]):
+                fail(f"tensor {name!r}: 'fraclen' must hold integers, got {tensor['fraclen']!r}")
         known = set()
         for i, op in enumerate(self.ops):
             if not isinstance(op, dict):
@@ -128,7 +140,8 @@ class IntegerProgram:
         kind = op.get("op")
         if kind not in OPS:
             fail(f"op {i} has unknown type {kind!r}; allowed {list(OPS)}")
-        label = f"op {i} ({kind}{' ' + op['name'] if isinstance(op.get('name'), str) else ''})"
+        name = op.get("name", op.get("out"))
+        label = f"op {i} ({kind}{' ' + name if isinstance(name, str) else ''})"
         arity, fields = OP_FIELDS[kind]
         inputs = op.get("in")
         if not isinstance(inputs, list) or len(inputs) != arity:
@@ -214,6 +227,99 @@ class IntegerProgram:
         else:  # relu, max_pool, avg_pool
             expect_kind(inputs[0], src, ("int32",))
             expect(f"the channels of {out!r}", (dst["channels"],), (src["channels"],))
+        problem = FORMAT_RULES[kind](op, self.tensors)
+        if problem:
+            fail(f"{label}: {problem}")
+
+
+# --------------------------------------------------------------------------------------
+# The formats an op's inputs imply: each rule returns what does not follow, or None.
+
+
+def _brief(values) -> str:
+    """Per-channel integers, one if they agree, else the first few."""
+    values = list(values)
+    if not all(_is(v, int) for v in values):
+        return repr(values)
+    values = [int(v) for v in values]
+    if len(set(values)) == 1:
+        return str(values[0])
+    return str(values) if len(values) <= 8 else f"[{str(values[:8])[1:-1]}, ...]"
+
+
+def _follows(what, got, wanted, sources) -> Optional[str]:
+    """None if ``got`` (per channel) equals ``wanted``, else the message naming
+    ``sources`` ({tensor name: its fraclens}) it should have followed from."""
+    if list(got) == [int(v) for v in wanted]:
+        return None
+    names = " and ".join(f"{n!r} ({_brief(fl)})" for n, fl in sources.items())
+    return f"{what} is {_brief(got)}, which does not follow from the fraclens of {names}: " \
+           f"expected {_brief(wanted)}"
+
+
+def _fraclens(op, tensors) -> tuple:
+    """(the fraclens of the op's inputs as arrays, those of its output)."""
+    ins = [np.asarray(tensors[n]["fraclen"], np.int64) for n in op["in"]]
+    return ins, np.asarray(tensors[op["out"]]["fraclen"], np.int64)
+
+
+def _image_rule(op, tensors) -> Optional[str]:
+    """Pixels p are the value p / 256."""
+    _, out = _fraclens(op, tensors)
+    if set(out.tolist()) != {8}:
+        return f"the fraclen of {op['out']!r} is {_brief(out)}: pixels have fraclen 8"
+    return None
+
+
+def _accumulating_rule(op, tensors) -> Optional[str]:
+    """One input format; the accumulator's fraclen is the input's plus the weight's."""
+    (fl_in,), out = _fraclens(op, tensors)
+    src, w_fl = op["in"][0], op["weight_fraclen"]
+    if set(fl_in.tolist()) != {op["input_fraclen"]}:
+        return f"'input_fraclen' {op['input_fraclen']} is not the fraclen of {src!r} " \
+               f"({_brief(fl_in)})"
+    if len(w_fl) != out.size or not all(_is(v, int) for v in w_fl):
+        return f"'weight_fraclen' must hold one integer per output channel, got {w_fl!r}"
+    return _follows(f"the fraclen of {op['out']!r}", out, fl_in[0] + np.asarray(w_fl),
+                    {src: fl_in})
+
+
+def _requantize_rule(op, tensors) -> Optional[str]:
+    """A right shift by the input's fraclen minus the output's (left where negative)."""
+    (fl_in,), out = _fraclens(op, tensors)
+    return _follows("'shift'", op["shift"], fl_in - out, {op["in"][0]: fl_in, op["out"]: out})
+
+
+def _add_rule(op, tensors) -> Optional[str]:
+    """The sum is in the finer operand's format, each operand shifted left to it."""
+    (fa, fb), out = _fraclens(op, tensors)
+    sources = dict(zip(op["in"], (fa, fb)))
+    return (_follows(f"the fraclen of {op['out']!r}", out, np.maximum(fa, fb), sources)
+            or _follows(f"the shift of {op['in'][0]!r}", op["shift"][0], out - fa, sources)
+            or _follows(f"the shift of {op['in'][1]!r}", op["shift"][1], out - fb, sources))
+
+
+def _avg_pool_rule(op, tensors) -> Optional[str]:
+    """The window's sum gains round(log2(window)) fractional bits (folding.pool_shift)."""
+    (fl_in,), out = _fraclens(op, tensors)
+    wanted = folding.pool_shift(op["window"])
+    if op["shift"] != wanted:
+        return f"'shift' is {op['shift']}, which does not follow from the window " \
+               f"{op['window']}: expected {wanted}"
+    return _follows(f"the fraclen of {op['out']!r}", out, fl_in + op["shift"],
+                    {op["in"][0]: fl_in})
+
+
+def _same_rule(op, tensors) -> Optional[str]:
+    """The output keeps the input's format."""
+    (fl_in,), out = _fraclens(op, tensors)
+    return _follows(f"the fraclen of {op['out']!r}", out, fl_in, {op["in"][0]: fl_in})
+
+
+FORMAT_RULES = {"image": _image_rule, "lookup": lambda op, tensors: None,
+                "conv": _accumulating_rule, "dense": _accumulating_rule,
+                "requantize": _requantize_rule, "relu": _same_rule, "add": _add_rule,
+                "max_pool": _same_rule, "avg_pool": _avg_pool_rule}
 
 
 def _is(value, kind) -> bool:

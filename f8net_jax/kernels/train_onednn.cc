@@ -1,6 +1,6 @@
 // Float32 2-D convolutions of the training step through oneDNN (forward, gradient of the
 // input, gradient of the weights) and max pooling (forward with its argmax workspace,
-// gradient), custom calls of the XLA FFI; see f8net_jax/ops.py.
+// gradient), custom calls of the XLA FFI; see f8net_jax/train_onednn.py.
 //
 //   x:  f32 [N, H, W, C]          activations, NHWC (JAX's layout)
 //   w:  f32 [KH, KW, C / G, O]    weights, HWIO (JAX's layout, G = feature groups)
@@ -13,7 +13,6 @@
 
 #include <array>
 #include <cstdint>
-#include <cstdio>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -21,6 +20,10 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+
+#if DNNL_VERSION_MAJOR < 3
+#error "the training kernels need oneDNN 3 or later"
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -67,16 +70,9 @@ dnnl::primitive_attr Attr() {
 }
 
 dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
-#if DNNL_VERSION_MAJOR >= 3
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
       g.Src(), g.Weights(true), g.Dst(), g.Strides(), g.Padding(), g.Padding(), Attr());
-#else
-  dnnl::convolution_forward::desc desc(
-      dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.Src(),
-      g.Weights(true), g.Dst(), g.Strides(), g.Padding(), g.Padding());
-  return dnnl::convolution_forward::primitive_desc(desc, Attr(), Engine());
-#endif
 }
 
 // One cached convolution: the primitive and the weight reorder it needs (if any).
@@ -86,7 +82,6 @@ struct Entry {
   memory::desc scratchpad;
   bool reorder = false;       // weights differ from the user's HWIO layout
   dnnl::reorder weight_reorder;
-  std::string impl;
 };
 
 std::shared_ptr<Entry> Build(Kind kind, const Geometry& g) {
@@ -97,37 +92,20 @@ std::shared_ptr<Entry> Build(Kind kind, const Geometry& g) {
     entry->conv = dnnl::convolution_forward(fwd);
     entry->weights = fwd.weights_desc();
     entry->scratchpad = fwd.scratchpad_desc();
-    entry->impl = fwd.impl_info_str();
   } else if (kind == kBackwardData) {
-#if DNNL_VERSION_MAJOR >= 3
     dnnl::convolution_backward_data::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.Weights(true), g.Dst(),
         g.Strides(), g.Padding(), g.Padding(), fwd, Attr());
-#else
-    dnnl::convolution_backward_data::desc desc(dnnl::algorithm::convolution_direct, g.Src(),
-                                               g.Weights(true), g.Dst(), g.Strides(),
-                                               g.Padding(), g.Padding());
-    dnnl::convolution_backward_data::primitive_desc pd(desc, Attr(), Engine(), fwd);
-#endif
     entry->conv = dnnl::convolution_backward_data(pd);
     entry->weights = pd.weights_desc();
     entry->scratchpad = pd.scratchpad_desc();
-    entry->impl = pd.impl_info_str();
   } else {
-#if DNNL_VERSION_MAJOR >= 3
     dnnl::convolution_backward_weights::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.Weights(true), g.Dst(),
         g.Strides(), g.Padding(), g.Padding(), fwd, Attr());
-#else
-    dnnl::convolution_backward_weights::desc desc(dnnl::algorithm::convolution_direct,
-                                                  g.Src(), g.Weights(true), g.Dst(),
-                                                  g.Strides(), g.Padding(), g.Padding());
-    dnnl::convolution_backward_weights::primitive_desc pd(desc, Attr(), Engine(), fwd);
-#endif
     entry->conv = dnnl::convolution_backward_weights(pd);
     entry->weights = pd.diff_weights_desc();
     entry->scratchpad = pd.scratchpad_desc();
-    entry->impl = pd.impl_info_str();
   }
   entry->reorder = entry->weights != user;
   if (entry->reorder) {
@@ -258,28 +236,15 @@ struct Pool {
     return memory::desc({n, c, oh, ow}, memory::data_type::f32, tag::nhwc);
   }
   dnnl::pooling_forward::primitive_desc Forward() const {
-#if DNNL_VERSION_MAJOR >= 3
     return dnnl::pooling_forward::primitive_desc(
         Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_max, Src(),
         Dst(), {s, s}, {k, k}, {0, 0}, {p, p}, {p, p}, Attr());
-#else
-    dnnl::pooling_forward::desc desc(dnnl::prop_kind::forward_training,
-                                     dnnl::algorithm::pooling_max, Src(), Dst(), {s, s},
-                                     {k, k}, {p, p}, {p, p});
-    return dnnl::pooling_forward::primitive_desc(desc, Attr(), Engine());
-#endif
   }
   dnnl::pooling_backward::primitive_desc Backward(
       const dnnl::pooling_forward::primitive_desc& hint) const {
-#if DNNL_VERSION_MAJOR >= 3
     return dnnl::pooling_backward::primitive_desc(
         Engine(), dnnl::algorithm::pooling_max, Src(), Dst(), {s, s}, {k, k}, {0, 0},
         {p, p}, {p, p}, hint, Attr());
-#else
-    dnnl::pooling_backward::desc desc(dnnl::algorithm::pooling_max, Src(), Dst(), {s, s},
-                                      {k, k}, {p, p}, {p, p});
-    return dnnl::pooling_backward::primitive_desc(desc, Attr(), Engine(), hint);
-#endif
   }
 };
 
@@ -393,21 +358,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(F8netConvF32BackwardData, BackwardData,
                               F8NET_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(F8netConvF32BackwardWeights, BackwardWeights,
                               F8NET_CONV_BINDING);
-
-// The implementation oneDNN chose for one convolution (for benchmarks and diagnostics):
-// writes at most ``size`` bytes of its name into ``out``; returns 0, or -1 on error.
-extern "C" int F8netConvF32Impl(int64_t kind, const int64_t* geometry, char* out,
-                                int64_t size) {
-  try {
-    const int64_t* v = geometry;
-    const Geometry g{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11]};
-    const std::string impl = Get(static_cast<Kind>(kind), g)->impl;
-    snprintf(out, size, "%s", impl.c_str());
-    return 0;
-  } catch (const dnnl::error&) {
-    return -1;
-  }
-}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(F8netMaxPoolForward, PoolForward,
                               ffi::Ffi::Bind()

@@ -22,7 +22,7 @@ def is_identity(strides: int, in_features: int, features: int) -> bool:
 
 class Block(Reader, nn.Module):
     """A block that reads one stream and writes one (a residual block, an inverted
-    residual). As a reader (see layers.scale_plan) it reads its input stream through its
+    residual). As a reader (see streams.scale_plan) it reads its input stream through its
     first layer's quantizer, ``owns_alpha`` telling whether that stream starts a chain."""
 
     in_features: int

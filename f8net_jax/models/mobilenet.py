@@ -15,8 +15,8 @@ from __future__ import annotations
 import flax.linen as nn
 
 from f8net_jax import recording
-from f8net_jax.layers import (QuantConfig, QuantConvBN, global_average_pool, relu,
-                              residual_add, run_readers, scale_plan)
+from f8net_jax.layers import QuantConfig, QuantConvBN
+from f8net_jax.streams import global_average_pool, relu, residual_add, run_readers, scale_plan
 from f8net_jax.models.common import Block, make_classifier, prepare_image, stem_input_kind
 
 

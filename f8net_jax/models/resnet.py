@@ -17,8 +17,9 @@ from typing import Sequence
 import flax.linen as nn
 
 from f8net_jax import recording
-from f8net_jax.layers import (QuantConfig, QuantConvBN, global_average_pool, max_pool, relu,
-                              residual_add, run_readers, scale_plan)
+from f8net_jax.layers import QuantConfig, QuantConvBN
+from f8net_jax.streams import (global_average_pool, max_pool, relu, residual_add, run_readers,
+                               scale_plan)
 from f8net_jax.models.common import Block, make_classifier, prepare_image, stem_input_kind
 
 
@@ -99,7 +100,7 @@ class ResNet(nn.Module):
         alphas, scales = scale_plan([stem, *blocks, classifier])
         x = relu(stem(x, alpha=alphas[0], out_scale=scales[1], train=train))
         if not self.cifar_stem:
-            x = max_pool(x, 3, 2, 1, precision=self.quant.compute)
+            x = max_pool(x, 3, 2, 1, compute=self.quant.compute)
         for i, block in enumerate(blocks):
             x = block(x, alpha=alphas[i + 1], out_scale=scales[i + 2], train=train)
         x, factor = global_average_pool(x, self.quant)

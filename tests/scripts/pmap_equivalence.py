@@ -18,21 +18,21 @@ import numpy as np  # noqa: E402
 from flax import jax_utils  # noqa: E402
 
 from f8net_jax.configs import default  # noqa: E402
-from f8net_jax import train  # noqa: E402
+from f8net_jax import steps  # noqa: E402
 
 
 def run(config, devices, batches):
-    model = train.create_model(config, num_classes=10)
-    lr_fn = train.learning_rate_fn(config, steps_per_epoch=10, total_steps=10)
-    state = train.create_train_state(jax.random.PRNGKey(0), config, model, (16, 16, 1), lr_fn)
+    model = steps.create_model(config, num_classes=10)
+    lr_fn = steps.learning_rate_fn(config, steps_per_epoch=10, total_steps=10)
+    state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (16, 16, 1), lr_fn)
     state = jax_utils.replicate(state, devices=devices)
-    step = jax.pmap(functools.partial(train.train_step, model=model), axis_name="batch",
+    step = jax.pmap(functools.partial(steps.train_step, model=model), axis_name="batch",
                     devices=devices)
     states = []
     for batch in batches:
         sharded = {k: v.reshape((len(devices), -1) + v.shape[1:]) for k, v in batch.items()}
         state, _ = step(state, sharded)
-        states.append(jax.device_get(train.unreplicate(state)))
+        states.append(jax.device_get(steps.unreplicate(state)))
     return states
 
 

@@ -14,8 +14,9 @@
 // HWIO (dense: [C, O]) int8 layout into the layout oneDNN prefers for the layer at batch
 // kLayoutBatch (with the compensation terms it needs for an int8 source). The call builds
 // its primitive for the actual batch with exactly that weight layout; primitives are
-// cached per geometry (the cache is locked: XLA may call from several threads; every call
-// brings its own scratchpad).
+// cached per geometry (the cache is locked: XLA may call from several threads). Each
+// thread has its own scratchpad, kept between calls and grown as needed (Scratch), so
+// concurrent calls never share one.
 
 #include <array>
 #include <cstdint>
