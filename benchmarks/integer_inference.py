@@ -39,8 +39,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import runtimes  # noqa: E402
 
 from f8net_jax import integer  # noqa: E402
-from f8net_jax.integer import executor as executor_lib, onednn  # noqa: E402
-from f8net_jax.integer.program import ACCUMULATING  # noqa: E402
+from f8net_jax.integer import executor as executor_lib, onednn, ops  # noqa: E402
 from f8net_jax.ops import window_output_size  # noqa: E402
 
 
@@ -73,7 +72,7 @@ def per_layer(case: runtimes.Case, executor) -> None:
     rng = np.random.default_rng(0)
     fns, inputs, rows = {"executor": executor}, {"executor": jnp.asarray(case.images)}, {}
     for op in executor.plan.ops:
-        if op["op"] not in ACCUMULATING:
+        if not ops.kind_of(op).accumulating:
             continue
         w = executor.arrays[f"{op['name']}/weight"]
         shape = op["weight_shape"]

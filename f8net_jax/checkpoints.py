@@ -2,9 +2,10 @@
 state and a SHA-256 digest of its content, checked whenever a checkpoint is read.
 
 A checkpoint that cannot be read or does not match its digest is reported with its step
-and the reason. When resuming, the newest checkpoint that verifies is used and the damaged
-newer ones are moved to WORKDIR/damaged_checkpoints (never deleted); when none verifies,
-the run stops and says so, leaving every file where it is.
+and the reason. When resuming, the newest checkpoint that verifies (on several processes:
+that every process verifies) is used and the damaged newer ones are moved to
+WORKDIR/damaged_checkpoints (never deleted); when none verifies, the run stops and says
+so, leaving every file where it is.
 """
 
 import asyncio
@@ -97,7 +98,7 @@ def restore(workdir: str, step: int, target: Any = None) -> Any:
     legacy = os.path.isdir(os.path.join(step_dir, LEGACY)) and not os.path.isdir(
         os.path.join(step_dir, STATE))
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _draining_event_loops(), _local_checkpointer() as checkpointer:
             state = checkpointer.restore(os.path.join(step_dir, LEGACY if legacy else STATE),
                                          target)
         if not legacy:

@@ -272,7 +272,7 @@ class QuantConvBN(Reader, nn.Module):
         y = self._conv(x_q, w_q, exact=True) + b_f
         path = recording.module_path(self)
         recording.emit("conv", [x_q], y, reader=path, layer=path, strides=self.strides,
-                       depthwise=self.depthwise)
+                       padding=self.kernel_size // 2, groups=self.features if self.depthwise else 1)
         return y
 
 

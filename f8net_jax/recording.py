@@ -1,9 +1,11 @@
 """The op record of a fixed-point eval forward: what the integer exporter builds from.
 
-While ``record`` traces a model, every quantized module and every function of
-``f8net_jax.layers`` that moves a stream between layers (the image input, a layer's input
-quantizer, conv + BN, dense, ReLU, residual add, max and average pool) appends one event:
-its kind, the tensors it reads and writes and its static attributes. Tensors are the
+While ``record`` traces a model, the image input (``models.common.prepare_image``), every
+quantized module of ``f8net_jax.layers`` (a layer's input quantizer, conv + BN with its
+padding and groups, dense) and every function of ``f8net_jax.streams`` that moves a stream between layers (ReLU, residual add,
+max and average pool) appends one event: its kind, the tensors it reads and writes and its
+static attributes. Each event kind is replayed by the op kind of the integer program that
+declares it (``f8net_jax.integer.ops``, ``OpKind.events``). Tensors are the
 traced arrays themselves, named here in the order they appear, so the record is the
 model's own wiring: a model built from those modules and functions exports with no code
 that knows it. Outside ``record`` nothing is kept and nothing costs.
@@ -18,6 +20,7 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+
 
 @dataclasses.dataclass
 class Event:
@@ -40,7 +43,7 @@ class Recorder:
         except KeyError:
             raise ValueError(
                 f"{reader} reads a tensor that no recorded op wrote: between quantized layers "
-                f"a fixed-point model may only use f8net_jax.layers' relu, residual_add, "
+                f"a fixed-point model may only use f8net_jax.streams' relu, residual_add, "
                 f"max_pool and global_average_pool, so that its integer program can be "
                 f"built") from None
 

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 
@@ -86,6 +87,9 @@ def test_every_readme_command_is_accepted_by_the_program_it_calls(command, tmp_p
     for var in set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", command)) - {"PATH"}:
         env[var] = str(tmp_path / var.lower())  # a placeholder path for each variable
     argv = re.sub(r"\[(--[^\]]+)\]", r"\1", command.split(maxsplit=1)[1])  # [--x]: try it
+    if argv.startswith("-c "):  # inline code: it must compile
+        compile(shlex.split(argv)[1], command, "exec")
+        return
     if argv.startswith("-m ") and len(argv.split()) == 2:  # a module named in the text
         assert importlib.util.find_spec(argv.split()[1]) is not None, command
         return

@@ -1,10 +1,11 @@
 """The executor's backends: how each computes the ops of an integer program.
 
-``Backend`` computes every op kind with integer JAX ops (XLA's int8 convolution for conv);
-``Im2colBackend`` (GPUs, portable jax.export artifacts), ``VnniBackend`` (the AVX-512 VNNI
-kernel) and ``OnednnBackend`` (oneDNN's int8 primitives) override the products they
-accelerate and inherit the rest. Activations are stored as uint8 or int8 codes
-(``storage``); ``_recode`` moves between them by flipping the top bit.
+Every op kind has reference semantics in integer JAX ops (``OpKind.run``, integer/ops; XLA's
+int8 convolution for conv); ``XlaBackend`` runs them all, ``Im2colBackend`` (GPUs, portable
+jax.export artifacts), ``VnniBackend`` (the AVX-512 VNNI kernel) and ``OnednnBackend``
+(oneDNN's int8 primitives) hold kernels for the layers they accelerate, methods named
+after the kind, and inherit the rest. Activations are stored as uint8 or int8 codes
+(``storage``); ``arithmetic.recode`` moves between them by flipping the top bit.
 """
 
 from __future__ import annotations
@@ -15,74 +16,18 @@ import numpy as np
 
 from f8net_jax import fixed_point as fp
 from f8net_jax.ops import window_output_size
-from f8net_jax.integer import onednn, vnni
-from f8net_jax.integer.program import ACCUMULATING, OPS
-
-
-def _channels(values) -> np.ndarray:
-    """A per-channel int list as an int32 constant (a scalar if all entries are equal)."""
-    v = np.asarray(values, np.int32)
-    return np.int32(v[0]) if np.all(v == v[0]) else v
-
-
-def saturating_add(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a + b for int32, clipped to the int32 range instead of wrapping."""
-    b = jnp.asarray(b, jnp.int32)
-    s = a + b
-    return jnp.where(b > 0, jnp.where(a > fp.INT32_MAX - b, fp.INT32_MAX, s),
-                     jnp.where(a < fp.INT32_MIN - b, fp.INT32_MIN, s))
-
-
-def _zero_point(kind: str, code: str) -> int:
-    """code = value + zero point for an 8-bit tensor of ``kind`` stored as ``code``."""
-    if kind == "unsigned":
-        return 0 if code == "u8" else -128
-    return 128 if code == "u8" else 0
-
-
-def _recode(x, have: str, need: str):
-    """uint8 <-> int8 by flipping the top bit: value + 128 <-> value (and back)."""
-    if have == need:
-        return x
-    if need == "s8":
-        return jax.lax.bitcast_convert_type(x ^ jnp.uint8(128), jnp.int8)
-    return jax.lax.bitcast_convert_type(x, jnp.uint8) ^ jnp.uint8(128)
-
-
-def _requantize(x, shift, signed: bool, code: str):
-    lo, hi = fp.integer_range(signed=signed)
-    s = np.asarray(shift, np.int32)
-    if np.all(s > 0):  # the usual case: one branch of fp.requantize, nothing to select
-        r = jnp.clip(fp.rounding_shift(x, _channels(s)), lo, hi)
-    else:  # the shift is fl_in - fl_out; fp.requantize takes them as two formats >= 0
-        r = fp.requantize(x, np.maximum(s, 0), np.maximum(-s, 0), signed=signed, axis=-1,
-                          wide=True)  # any left shift the program holds
-    if code == "u8":
-        return r.astype(jnp.uint8)
-    return (r if signed else r - 128).astype(jnp.int8)
-
-
-def _shift_left(x, shift, saturate: bool):
-    s = np.asarray(shift, np.int32)
-    if not np.any(s):
-        return x
-    if saturate:
-        return fp.saturating_shift_left(x, _channels(s), -fp.INT32_MAX, fp.INT32_MAX)
-    return jnp.left_shift(x, _channels(s))
-
-
-def _bias_add(y, b, saturate: bool, correction=None):
-    if correction is not None:
-        y = y + correction
-    return saturating_add(y, b) if saturate else y + b
+from f8net_jax.integer import arithmetic, onednn, ops, vnni
+from f8net_jax.integer.ops.layers import AccumulatingLayer
 
 
 class Backend:
-    """How an executor computes each op kind of the program: one method per kind in
-    ``program.OPS`` (``Backend.table`` dispatches), and the integer products of its conv and
-    dense ops. Unsigned and signed 8-bit tensors are both stored as int8 (unsigned ones
-    offset by -128, since both operands of an int8 product must be signed) unless a backend
-    says otherwise in ``storage``."""
+    """How an executor computes the program: the storage of 8-bit tensors, the choices and
+    weight packing of the layers it accelerates, and its kernels. An op kind runs on the
+    backend's method of the kind's name where it has one (its kernel), else on the kind's
+    reference semantics (``OpKind.run``, integer/ops); ``table`` dispatches. Unsigned and
+    signed 8-bit tensors are both stored as int8 (unsigned ones offset by -128, since both
+    operands of an int8 product must be signed) unless a backend says otherwise in
+    ``storage``."""
 
     name = ""
 
@@ -100,71 +45,14 @@ class Backend:
         """(weight, bias, fields added to the op) for a fast layer."""
         raise NotImplementedError
 
+    def kernel(self, kind: str):
+        """The backend's own method for op ``kind``, or None (a name of Backend's own
+        machinery, such as 'pack', is never a kernel)."""
+        return None if hasattr(Backend, kind) else getattr(self, kind, None)
+
     def table(self) -> dict:
-        return {kind: getattr(self, kind) for kind in OPS}
-
-    # -- the products ------------------------------------------------------------------
-    def convolve(self, op: dict, x, w):
-        """int32 conv(x, w) of padded int8 x (no bias)."""
-        return jax.lax.conv_general_dilated(
-            x, w, window_strides=(op["strides"],) * 2, padding="VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=op["groups"],
-            preferred_element_type=jnp.int32)
-
-    # -- the ops: (op, its input arrays, the run) -> its output ------------------------
-    def image(self, op, args, run):
-        return _recode(run.images, "u8", run.code[op["out"]])
-
-    def lookup(self, op, args, run):
-        table = run.arrays[op["table"]]
-        return table[jnp.arange(table.shape[0]), run.images.astype(jnp.int32)]
-
-    def conv(self, op, args, run):
-        x, w, b, c = self._layer_inputs(op, args, run)
-        p = op["padding"]
-        if p:
-            x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)),
-                        constant_values=jnp.int8(op["pad_code"]))
-        return _bias_add(self.convolve(op, x, w), b, op["saturate"], c)
-
-    def dense(self, op, args, run):
-        x, w, b, c = self._layer_inputs(op, args, run)
-        extra = -x.shape[1] % 4  # contractions padded to a multiple of 4, as in im2col
-        if extra:
-            x, w = jnp.pad(x, ((0, 0), (0, extra))), jnp.pad(w, ((0, extra), (0, 0)))
-        y = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())),
-                                preferred_element_type=jnp.int32)
-        return _bias_add(y, b, op["saturate"], c)
-
-    def requantize(self, op, args, run):
-        return _requantize(args[0], op["shift"], op["signed"], run.code[op["out"]])
-
-    def relu(self, op, args, run):
-        return jnp.maximum(args[0], 0)
-
-    def add(self, op, args, run):
-        a = _shift_left(args[0], op["shift"][0], op["saturate"])
-        b = _shift_left(args[1], op["shift"][1], op["saturate"])
-        y = _bias_add(a, b, op["saturate"])
-        return jnp.maximum(y, 0) if op["relu"] else y
-
-    def max_pool(self, op, args, run):
-        w, s, p = op["window"], op["strides"], op["padding"]
-        return jax.lax.reduce_window(args[0], jnp.int32(fp.INT32_MIN), jax.lax.max,
-                                     (1, w, w, 1), (1, s, s, 1),
-                                     ((0, 0), (p, p), (p, p), (0, 0)))
-
-    def avg_pool(self, op, args, run):
-        if op["saturate"]:
-            return jax.lax.reduce(args[0], jnp.int32(0), saturating_add, (1, 2))
-        return jnp.sum(args[0], axis=(1, 2), dtype=jnp.int32)
-
-    @staticmethod
-    def _layer_inputs(op, args, run):
-        x = _recode(args[0], run.code[op["in"][0]], op["need"])
-        key = op["name"]
-        return (x, run.arrays[f"{key}/weight"], run.arrays[f"{key}/bias"],
-                run.arrays.get(f"{key}/correction"))
+        """Op kind -> (op, its input arrays, the run) -> its output."""
+        return {name: self.kernel(name) or kind.run for name, kind in ops.REGISTRY.items()}
 
 
 class XlaBackend(Backend):
@@ -179,8 +67,8 @@ class Im2colBackend(Backend):
 
     name = "im2col"
 
-    def convolve(self, op, x, w):
-        return _im2col_conv(x, w, op["strides"], op["groups"])
+    def conv(self, op, args, run):
+        return ops.REGISTRY["conv"].run(op, args, run, convolve=_im2col_conv)
 
 
 class VnniBackend(Backend):
@@ -206,8 +94,8 @@ class VnniBackend(Backend):
 
     def conv(self, op, args, run):
         if not op["fast"]:
-            return super().conv(op, args, run)
-        x, w, b, _ = self._layer_inputs(op, args, run)
+            return ops.REGISTRY["conv"].run(op, args, run)
+        x, w, b, _ = AccumulatingLayer.layer_inputs(op, args, run)
         p, extra = op["padding"], op["padded_channels"] - op["in_channels"]
         if p or extra:
             x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, extra)),
@@ -253,7 +141,7 @@ class OnednnBackend(Backend):
                             groups=op["groups"], signed=False), padding
 
     def conv(self, op, args, run):
-        x, w, b, c = self._layer_inputs(op, args, run)
+        x, w, b, c = AccumulatingLayer.layer_inputs(op, args, run)
         p, padding = op["padding"], op["kernel_padding"]
         if p != padding:
             x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)),
@@ -261,24 +149,25 @@ class OnednnBackend(Backend):
         y = onednn.conv(x, w, kernel_size=int(op["weight_shape"][0]), strides=op["strides"],
                         padding=padding, groups=op["groups"],
                         out_channels=int(op["weight_shape"][3]))
-        return _bias_add(y, b, op["saturate"], c)
+        return arithmetic.bias_add(y, b, op["saturate"], c)
 
     def dense(self, op, args, run):
-        x, w, b, c = self._layer_inputs(op, args, run)
+        x, w, b, c = AccumulatingLayer.layer_inputs(op, args, run)
         y = onednn.dense(x, w, out_channels=int(op["weight_shape"][1]))
-        return _bias_add(y, b, op["saturate"], c)
+        return arithmetic.bias_add(y, b, op["saturate"], c)
 
     def implementations(self, plan: "Plan", batch: int) -> dict:
         """Per layer, the primitive oneDNN runs at this batch size."""
         return {op["name"]: onednn.implementation(self._geometry(op, batch)[0])
-                for op in plan.ops if op["op"] in ACCUMULATING}
+                for op in plan.ops if ops.kind_of(op).accumulating}
 
 
 
-def _im2col_conv(x, w, strides: int, groups: int):
+def _im2col_conv(op, x, w):
     """conv(x, w) of padded int8 x as int8 x int8 -> int32 dot_generals over patches taken
     by strided slices (no arithmetic): [N*OH*OW, KH*KW*C] @ [KH*KW*C, Co], or per channel
     (a batched dot) for depthwise convs."""
+    strides, groups = op["strides"], op["groups"]
     n, hp, wp, c = x.shape
     k = w.shape[0]
     oh, ow = window_output_size(hp, k, strides), window_output_size(wp, k, strides)

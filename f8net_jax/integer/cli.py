@@ -6,7 +6,8 @@ import sys
 
 from f8net_jax import checkpoints
 from f8net_jax.integer.exporter import export
-from f8net_jax.integer.program import ACCUMULATING, IntegerProgram
+from f8net_jax.integer import ops
+from f8net_jax.integer.program import IntegerProgram
 
 ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, OSError)
 
@@ -34,7 +35,7 @@ def export_loaded(variables, config, image_shape) -> IntegerProgram:
 def describe(program: IntegerProgram) -> list:
     """Lines summing up a program and its static checks."""
     checks = program.checks()
-    layers = sum(op["op"] in ACCUMULATING for op in program.ops)
+    layers = sum(ops.kind_of(op).accumulating for op in program.ops)
     worst = max(checks, key=lambda c: c["accumulator_bound"])
     inexact = [c["layer"] for c in checks if not c["float32_exact"]]
     saturating = program.saturating_ops()
@@ -44,7 +45,8 @@ def describe(program: IntegerProgram) -> list:
         f"images {h}x{w}x{c} uint8, int32 logits at fraclen {program.logits_fraclen}",
         f"static check: largest accumulator bound {worst['accumulator_bound']:,} "
         f"({worst['layer']}); float32 exact (bound < 2^24) in {len(checks) - len(inexact)}"
-        f"/{len(checks)} accumulating ops (conv, dense, add, pool)" + (f", could exceed in {', '.join(inexact)}" if inexact else ""),
+        f"/{len(checks)} accumulating ops ({', '.join(dict.fromkeys(c['op'] for c in checks))})"
+        + (f", could exceed in {', '.join(inexact)}" if inexact else ""),
         f"int32 overflow: {len(saturating)} ops rely on saturation"
         + (f" ({', '.join(saturating)})" if saturating else
            " (the static bounds rule out overflow everywhere)"),

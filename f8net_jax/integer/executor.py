@@ -1,9 +1,10 @@
 """Runs an integer program with integer arithmetic only (JAX).
 
-Activations are 8-bit (uint8 or int8: each backend's storage, integer/backends.py), weights int8, accumulators, residual
-streams and logits int32. The only multiplications are the int8 x int8 products
-inside conv and dot_general (int32 accumulation); requantization is shifts, comparisons
-and adds; nothing is float. ``tests/test_integer.py`` audits the jaxpr of every
+Activations are 8-bit (uint8 or int8: each backend's storage, integer/backends.py),
+weights int8, accumulators, residual streams and logits int32. Each op runs on its
+backend's kernel for its kind, or on the kind's reference semantics (integer/ops). The
+only multiplications are the int8 x int8 products inside conv and dot_general (int32
+accumulation); requantization is shifts, comparisons and adds; nothing is float. ``tests/test_integer.py`` audits the jaxpr of every
 architecture for exactly that.
 
 Saturation. Ops marked 'saturate' by the exporter's static check saturate at each step,
@@ -22,79 +23,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from f8net_jax import fixed_point as fp
-from f8net_jax.ops import window_output_size
-from f8net_jax.integer import onednn, vnni
+from f8net_jax.integer import onednn, ops, vnni
+from f8net_jax.integer.arithmetic import zero_point
 from f8net_jax.integer.backends import (Backend, Im2colBackend, OnednnBackend, VnniBackend,
-                                        XlaBackend, _zero_point)
-from f8net_jax.integer.program import ACCUMULATING, IntegerProgram
+                                        XlaBackend)
+from f8net_jax.integer.program import IntegerProgram
 
 
 class Plan:
-    """What a backend runs beyond the program: per op a copy with the backend's choices,
-    the storage code of every tensor ('u8', 's8' or 's32') and the arrays (weights as the
-    backend wants them, biases with the zero-point correction -z * sum(w), exact)."""
+    """What a backend runs beyond the program: per op a copy with the backend's choices
+    (each kind's ``prepare``), the storage code of every tensor ('u8', 's8' or 's32'), the
+    (height, width) of every tensor (``spatial``) and the arrays (weights as the backend
+    wants them, biases with the zero-point correction -z * sum(w), exact)."""
 
     def __init__(self, backend: Backend, program: IntegerProgram):
         self.backend = backend
         self.code = {name: backend.storage(t["kind"]) if t["kind"] != "int32" else "s32"
                      for name, t in program.tensors.items()}
+        self.spatial = spatial_sizes(program)
         self.ops, self.arrays = [], {}
-        spatial = _spatial_sizes(program)
         for op in program.ops:
             op = dict(op)
-            if op["op"] in ACCUMULATING:
-                self._layer(op, program, spatial)
-            elif op["op"] == "lookup":
-                self.arrays[op["table"]] = program.arrays[op["table"]]
+            ops.kind_of(op).prepare(op, program, self)
             self.ops.append(op)
 
-    def _layer(self, op: dict, program: IntegerProgram, spatial: dict) -> None:
-        kind = program.tensors[op["in"][0]]["kind"]
-        w = program.arrays[op["weight"]]
-        bias = program.arrays[op["bias"]].astype(np.int64)
-        wsum = np.sum(w.astype(np.int64), axis=tuple(range(w.ndim - 1)))
 
-        def correction(code):
-            # The codes' products sum to conv(value) + z * sum(w): subtract it again
-            # (|z * sum(w)| <= 128 * 127 * fan-in fits int32).
-            return -_zero_point(kind, code) * wsum
-
-        fast, need = self.backend.choose(op, kind, lambda code: bias + correction(code))
-        if np.any(np.abs(bias + correction(need)) > fp.INT32_MAX):
-            op["saturate"] = True  # the corrected bias alone leaves int32
-        if op["saturate"]:
-            # Exact conv(value) first (it fits int32), then the saturating bias add.
-            self.arrays[f"{op['name']}/correction"] = correction(need).astype(np.int32)
-        else:
-            bias = bias + correction(need)
-        op.update(need=need, pad_code=_zero_point(kind, need), fast=fast,
-                  weight_shape=w.shape, in_spatial=spatial[op["in"][0]])
-        key = op["name"]
-        if fast:
-            weight, bias, extra = self.backend.pack(op, w, bias.astype(np.int32))
-            op.update(extra)
-        else:
-            weight = w
-        self.arrays[f"{key}/weight"], self.arrays[f"{key}/bias"] = weight, bias.astype(np.int32)
-
-
-def _spatial_sizes(program: IntegerProgram) -> dict:
-    """(height, width) of every tensor of the program (the image's for the first ones)."""
+def spatial_sizes(program: IntegerProgram) -> dict:
+    """(height, width) of every tensor of the program (each kind's ``output_size``)."""
     sizes = {}
     for op in program.ops:
-        if op["op"] in ("image", "lookup"):
-            size = tuple(program.image_shape[:2])
-        elif op["op"] in ("conv", "max_pool"):
-            k = (program.arrays[op["weight"]].shape[0] if op["op"] == "conv"
-                 else op["window"])
-            h, w = sizes[op["in"][0]]
-            size = tuple(window_output_size(d, k, op["strides"], op["padding"]) for d in (h, w))
-        elif op["op"] in ("avg_pool", "dense"):
-            size = (1, 1)
-        else:
-            size = sizes[op["in"][0]]
-        sizes[op["out"]] = size
+        sizes[op["out"]] = ops.kind_of(op).output_size(op, program, sizes)
     return sizes
 
 
@@ -131,7 +89,7 @@ def _execute(program: IntegerProgram, plan: Plan, arrays: dict, images, collect:
         y = table[op["op"]](op, [env[name] for name in op["in"]], run)
         env[out] = y
         if collect:
-            z = _zero_point(program.tensors[out]["kind"], code[out]) if code[out] != "s32" else 0
+            z = zero_point(program.tensors[out]["kind"], code[out]) if code[out] != "s32" else 0
             seen[out] = y.astype(jnp.int32) - z
     logits = env[program.output]
     return (logits, seen) if collect else logits

@@ -15,6 +15,9 @@ biases). A layer's accumulator bound is max(|lo|, |hi|) of conv + bias. Below 2^
 simulation's float32 arithmetic is exact (products of 8-bit integers, every partial sum an
 integer below 2^24); below 2^31 int32 cannot overflow. Where a bound reaches 2^31 the op is
 marked 'saturate' and the executor saturates instead of wrapping.
+
+Each recorded event is replayed by the op kind that declares it (integer/ops: its
+``replay`` and ``build``); here are only the bookkeeping (``_Builder``) and the replay.
 """
 
 from __future__ import annotations
@@ -24,17 +27,14 @@ from typing import Any, Mapping, Optional
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from f8net_jax import analysis, folding, layers, models, recording
-from f8net_jax import fixed_point as fp
+from f8net_jax import analysis, layers, models, recording
+from f8net_jax.integer import ops
+from f8net_jax.integer.ops.base import magnitude
 from f8net_jax.integer.program import IntegerProgram
-from f8net_jax.models import common
 
-FLOAT_EXACT = 2 ** 24
 COLLECTIONS = ("params", "batch_stats", "quant_stats")  # what a fixed-point model holds
-UNSIGNED, SIGNED = fp.integer_range(signed=False), fp.integer_range(signed=True)
 
 
 def _quant_config(config) -> layers.QuantConfig:
@@ -52,25 +52,11 @@ def _field(config, name, default):
     return getattr(config, name, default)
 
 
-def _magnitude(lo, hi) -> int:
-    """The largest |integer| of per-channel bounds [lo, hi]."""
-    return int(max(np.max(np.abs(lo)), np.max(np.abs(hi))))
-
-
-def _int32(bounds):
-    return np.clip(bounds, -fp.INT32_MAX, fp.INT32_MAX)
-
-
-def _check(name: str, op: str, bound: int, partial: int = 0) -> dict:
-    """The static check of one accumulating op: its worst-case magnitude in integer units
-    (``partial``: of the product sums before the bias), float32 exactness, int32 safety."""
-    return {"layer": name, "op": op, "accumulator_bound": int(bound),
-            "float32_exact": bool(max(bound, partial) < FLOAT_EXACT),
-            "int32_safe": bool(bound <= fp.INT32_MAX)}
-
-
 class _Builder:
-    """Appends ops and keeps, per tensor, its kind, per-channel fraclen and bounds."""
+    """The program being built: its ops, tensors (kind, per-channel fraclen, bound) and
+    arrays, the per-channel bounds [lo, hi] of every tensor, and the per-layer formats and
+    folded weights the simulation reported (``table``). The op kinds' ``build`` methods
+    (integer/ops) compute an op and its bounds and ``emit`` it."""
 
     def __init__(self, table: dict):
         self.table = table
@@ -79,15 +65,18 @@ class _Builder:
         self.arrays: dict = {}
         self.bounds: dict = {}  # name -> (lo, hi) int64 per channel
 
-    # -- bookkeeping ---------------------------------------------------------------------
-    def _tensor(self, name, kind, fraclen, lo, hi):
+    def emit(self, op: dict, kind: str, fraclen, lo, hi) -> str:
+        """Appends ``op`` and its output tensor op['out'] of ``kind``, per-channel
+        ``fraclen`` and bounds [lo, hi]; returns its name."""
+        self.ops.append(op)
+        name = op["out"]
         if name in self.tensors:
             raise ValueError(f"tensor {name!r} is written twice")
         fraclen = np.asarray(fraclen, np.int64)
         lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
         self.tensors[name] = {"kind": kind, "channels": int(fraclen.size),
                               "fraclen": [int(v) for v in fraclen],
-                              "bound": _magnitude(lo, hi)}
+                              "bound": magnitude(lo, hi)}
         self.bounds[name] = (lo, hi)
         return name
 
@@ -100,201 +89,60 @@ class _Builder:
                              f"another architecture?")
         return self.table[name]
 
-    # -- ops -----------------------------------------------------------------------------
-    def image(self, channels: int) -> str:
-        """Pixels p, 'unsigned' at fl 8 (the value p / 256)."""
-        self.ops.append({"op": "image", "in": [], "out": "image"})
-        return self._tensor("image", "unsigned", [8] * channels, [0] * channels,
-                            [255] * channels)
-
-    def lookup(self, channels: int, stem: str) -> str:
-        """A normalized image, straight in the stem's signed input format: per channel and
-        pixel value p, round(norm_c(p) * 2^fl) saturated, computed with the simulation's
-        own float ops (common.normalize_pixels, fp.quantize)."""
-        fl = int(self.layer(stem)["input_fraclen"])
-        pixels = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, None, :, None],
-                                 (1, 1, 256, channels))
-        value = common.normalize_pixels(jnp.asarray(pixels))
-        q = fp.quantize(value, jnp.float32(fl), signed=True, wide=True) * fp.pow2(fl)
-        table = np.asarray(q, np.float32)[0, 0].T.astype(np.int8)  # [channels, 256]
-        key = f"{stem}/table"
-        self.arrays[key] = table
-        self.ops.append({"op": "lookup", "in": [], "out": "image", "table": key})
-        return self._tensor("image", "signed", [fl] * channels, table.min(1), table.max(1))
-
-    def input(self, src: str, layer: str, signed: bool) -> str:
-        """``layer``'s quantized input read from ``src`` (requantized to its format)."""
-        fl = int(self.layer(layer)["input_fraclen"])
-        kind = "signed" if signed else "unsigned"
-        t = self.tensors[src]
-        if t["kind"] != "int32":
-            if t["kind"] != kind or set(t["fraclen"]) != {fl}:
-                raise ValueError(f"{layer} reads the 8-bit tensor {src!r} ({t['kind']}, "
-                                 f"fraclen {t['fraclen'][0]}) as {kind} at fraclen {fl}")
-            return src
-        shift = self.fraclen(src) - fl
-        lo, hi = SIGNED if signed else UNSIGNED
-        out = f"{layer}/input"
-        self.ops.append({"op": "requantize", "in": [src], "out": out, "signed": signed,
-                         "shift": [int(s) for s in shift]})
-        return self._tensor(out, kind, [fl] * t["channels"], [lo] * t["channels"],
-                            [hi] * t["channels"])
-
-    def _accumulate(self, op: dict, name: str, src: str, weight: np.ndarray,
-                    reduce_axes: tuple):
-        t = self.tensors[src]
-        q_w, bias, w_fraclen, bias_saturated = self._weights(name, weight, weight.shape[-1])
-        signed = t["kind"] == "signed"
-        lo_in, hi_in = SIGNED if signed else UNSIGNED
-        w = q_w.astype(np.int64)
-        pos = np.sum(np.maximum(w, 0), axis=reduce_axes)
-        neg = np.sum(np.minimum(w, 0), axis=reduce_axes)
-        raw_hi, raw_lo = hi_in * pos + lo_in * neg, lo_in * pos + hi_in * neg
-        lo, hi = raw_lo + bias, raw_hi + bias
-        bound, raw = _magnitude(lo, hi), _magnitude(raw_lo, raw_hi)
-        saturate = bound > fp.INT32_MAX
-        self.arrays[f"{name}/weight"] = q_w.astype(np.int8)
-        self.arrays[f"{name}/bias"] = bias.astype(np.int32)
-        in_fl = int(t["fraclen"][0])
-        acc_fl = in_fl + w_fraclen
-        op.update({"name": name, "in": [src], "out": name, "weight": f"{name}/weight",
-                   "bias": f"{name}/bias", "saturate": bool(saturate),
-                   "input_fraclen": in_fl, "weight_fraclen": [int(v) for v in w_fraclen],
-                   "check": dict(_check(name, op["op"], bound, raw),
-                                 bias_saturated=bias_saturated)})
-        self.ops.append(op)
-        return self._tensor(name, "int32", acc_fl, _int32(lo), _int32(hi))
-
-    def _weights(self, name: str, weight: np.ndarray, channels: int):
-        entry = self.layer(name)
-        w_fl = np.broadcast_to(np.asarray(entry["weight_fraclen"], np.int64), (channels,))
-        in_fl = int(entry["input_fraclen"])
-        # The simulation's own quantizer, then its integers (value * 2^fl, exact).
-        value = fp.quantize(jnp.asarray(weight, jnp.float32), jnp.asarray(w_fl, jnp.float32),
-                            signed=True, axis=-1, wide=True)
-        q_w = np.asarray(value, np.float64) * np.exp2(w_fl.astype(np.float64))
-        acc_fl = in_fl + w_fl
-        b = np.asarray(entry["bias"], np.float64) * np.exp2(acc_fl.astype(np.float64))
-        if not np.array_equal(b, np.round(b)):
-            raise ValueError(f"{name}: the reported bias is not on the accumulator's grid")
-        # The simulation saturates the bias in float32, where 2^31 - 1 rounds to 2^31: such
-        # a bias is recorded (the layer then cannot match the simulation exactly anyway).
-        saturated = bool(np.any(np.abs(b) > fp.INT32_MAX))
-        return q_w, _int32(b).astype(np.int64), w_fl, saturated
-
-    def conv(self, name: str, src: str, *, strides: int, depthwise: bool = False) -> str:
-        weight = np.asarray(self.layer(name)["weight"])
-        k, _, _, features = weight.shape
-        op = {"op": "conv", "strides": int(strides), "padding": k // 2,
-              "groups": features if depthwise else 1}
-        return self._accumulate(op, name, src, weight, (0, 1, 2))
-
-    def dense(self, name: str, src: str) -> str:
-        weight = np.asarray(self.layer(name)["weight"])
-        return self._accumulate({"op": "dense"}, name, src, weight, (0,))
-
-    def relu(self, src: str) -> str:
-        out = f"{src}/relu"
-        self.ops.append({"op": "relu", "in": [src], "out": out})
-        lo, hi = self.bounds[src]
-        return self._tensor(out, "int32", self.fraclen(src), np.maximum(lo, 0),
-                            np.maximum(hi, 0))
-
-    def add(self, name: str, a: str, b: str, *, relu: bool) -> str:
-        fa, fb = self.fraclen(a), self.fraclen(b)
-        fl = np.maximum(fa, fb)
-        (lo_a, hi_a), (lo_b, hi_b) = self.bounds[a], self.bounds[b]
-        sa, sb = fl - fa, fl - fb
-        lo = lo_a * 2 ** sa + lo_b * 2 ** sb
-        hi = hi_a * 2 ** sa + hi_b * 2 ** sb
-        bound = _magnitude(lo, hi)
-        self.ops.append({"op": "add", "name": name, "in": [a, b], "out": name,
-                         "shift": [[int(v) for v in sa], [int(v) for v in sb]],
-                         "relu": relu, "saturate": bound > fp.INT32_MAX,
-                         "check": _check(name, "add", bound)})
-        lo, hi = _int32(lo), _int32(hi)
-        if relu:
-            lo, hi = np.maximum(lo, 0), np.maximum(hi, 0)
-        return self._tensor(name, "int32", fl, lo, hi)
-
-    def max_pool(self, src: str, window: int = 3, strides: int = 2, padding: int = 1,
-                 name: str = "max_pool") -> str:
-        self.ops.append({"op": "max_pool", "in": [src], "out": name, "window": window,
-                         "strides": strides, "padding": padding})
-        return self._tensor(name, "int32", self.fraclen(src), *self.bounds[src])
-
-    def avg_pool(self, src: str, window: int, name: str = "avg_pool") -> str:
-        shift = folding.pool_shift(window)
-        lo, hi = self.bounds[src]
-        lo, hi = lo * window, hi * window
-        bound = _magnitude(lo, hi)
-        self.ops.append({"op": "avg_pool", "name": name, "in": [src], "out": name,
-                         "shift": shift, "window": window, "saturate": bound > fp.INT32_MAX,
-                         "check": _check(name, "avg_pool", bound)})
-        return self._tensor(name, "int32", self.fraclen(src) + shift, _int32(lo),
-                            _int32(hi))
-
 
 # --------------------------------------------------------------------------------------
 # The program, replayed from the record of the model's own eval forward.
 
 
+class _Replay:
+    """Record keys -> program tensors while the events replay. An op kind may defer an
+    event (the image until its first reader picks image or lookup; a ReLU until a reader
+    needs it as an op): ``tensor`` then builds it when it is first read."""
+
+    def __init__(self, builder: _Builder):
+        self.b = builder
+        self.names: dict = {}     # record key -> program tensor
+        self._deferred: dict = {}  # record key -> (its OpKind, its event)
+        self._counts: dict = {}
+
+    def unique(self, base: str) -> str:
+        """``base``, then base_2, base_3, ... (names of ops no module names)."""
+        self._counts[base] = self._counts.get(base, 0) + 1
+        return base if self._counts[base] == 1 else f"{base}_{self._counts[base]}"
+
+    def defer(self, key: str, kind, event) -> None:
+        self._deferred[key] = (kind, event)
+
+    def deferred_kind(self, key: str):
+        """The OpKind of a deferred record key, else None."""
+        return self._deferred[key][0] if key in self._deferred else None
+
+    def deferred_event(self, key: str):
+        return self._deferred[key][1]
+
+    def tensor(self, key: str, reader=None) -> str:
+        """The program tensor of a record key, building a deferred one for ``reader`` (the
+        event that reads it)."""
+        if key in self._deferred:
+            kind, event = self._deferred.pop(key)
+            self.names[key] = kind.materialize(event, self, reader)
+        return self.names[key]
+
+
 def _replay(b: _Builder, events: list, output: str) -> str:
-    """Builds the program from ``recording`` events; returns the logits' tensor name.
-
-    A ReLU read only by unsigned requantizations is left out: their saturation at 0 is
-    that ReLU (the value is the same), so it becomes an op only where an int32 consumer (a
-    residual add, a pool, a signed reader) needs it.
-    """
-    names: dict = {}        # record key -> program tensor
-    images: dict = {}       # record key -> (normalized, channels), built by its first reader
-    relus: dict = {}        # record key -> the key it rectifies, until an op needs it
-    counts: dict = {}
-
-    def unique(base):
-        counts[base] = counts.get(base, 0) + 1
-        return base if counts[base] == 1 else f"{base}_{counts[base]}"
-
-    def tensor(key):
-        if key in relus:
-            names[key] = b.relu(tensor(relus.pop(key)))
-        return names[key]
-
+    """Builds the program from ``recording`` events, each replayed by the op kind that
+    declares its event kind (``ops.event_kinds``); returns the logits' tensor name."""
+    r, kinds = _Replay(b), ops.event_kinds()
     for e in events:
-        a = e.attrs
-        if e.kind == "image":
-            images[e.output] = (a["normalized"], a["channels"])
-        elif e.kind == "input":
-            src = e.inputs[0]
-            if src in images:
-                normalized, channels = images.pop(src)
-                names[src] = (b.lookup(channels, a["layer"]) if normalized
-                              else b.image(channels))
-            while not a["signed"] and src in relus:
-                src = relus[src]
-            names[e.output] = b.input(tensor(src), a["layer"], signed=a["signed"])
-        elif e.kind == "relu":
-            relus[e.output] = e.inputs[0]
-        elif e.kind == "conv":
-            names[e.output] = b.conv(a["layer"], tensor(e.inputs[0]), strides=a["strides"],
-                                     depthwise=a["depthwise"])
-        elif e.kind == "dense":
-            names[e.output] = b.dense(a["layer"], tensor(e.inputs[0]))
-        elif e.kind == "add":
-            names[e.output] = b.add(a["name"] or unique("add"), tensor(e.inputs[0]),
-                                    tensor(e.inputs[1]), relu=a["relu"])
-        elif e.kind == "max_pool":
-            names[e.output] = b.max_pool(tensor(e.inputs[0]), a["window"], a["strides"],
-                                         a["padding"], name=unique("max_pool"))
-        elif e.kind == "avg_pool":
-            names[e.output] = b.avg_pool(tensor(e.inputs[0]), a["window"],
-                                         name=unique("avg_pool"))
-        else:
+        if e.kind not in kinds:
             raise ValueError(f"the record holds an op of kind {e.kind!r}, which integer "
                              f"programs do not have")
-    if output not in names:
+        name = kinds[e.kind].replay(e, r)
+        if name is not None:
+            r.names[e.output] = name
+    if output not in r.names:
         raise ValueError("the model's output is not the classifier's (QuantDense) logits")
-    return names[output]
+    return r.names[output]
 
 
 def _shapes(variables) -> dict:

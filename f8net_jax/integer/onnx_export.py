@@ -34,6 +34,7 @@ from typing import Optional
 
 import numpy as np
 
+from f8net_jax.integer import ops
 from f8net_jax.integer.program import IntegerProgram
 
 OPSET = 17
@@ -119,6 +120,33 @@ class _Graph:
         return {} if np.ndim(scale) == 0 else {"axis": axis}
 
 
+class _Lowering:
+    """What the op kinds' ``lower`` methods read and write while the graph is built."""
+
+    def __init__(self, program: IntegerProgram, g: _Graph, quantized: bool):
+        self.program, self.g, self.quantized = program, g, quantized
+        self.images = INPUT
+        self.float_of = {}   # program tensor -> float ONNX tensor holding its exact value
+        self.int8_of = {}    # program 8-bit tensor -> its 8-bit ONNX tensor
+        self.flat = set()    # tensors of shape [N, C] (after the global pool)
+
+    name = staticmethod(_name)
+    scale = staticmethod(_scale)
+
+    def fraclen(self, tensor: str) -> list:
+        return self.program.tensors[tensor]["fraclen"]
+
+    def dequantized(self, x: str, tensor: str, dtype, dq_name: str) -> str:
+        """The value of integers ``x`` of program ``tensor``: a DequantizeLinear (named
+        ``dq_name``), or (float graphs) their float32 cast times 2^-fl."""
+        scale = _scale(self.fraclen(tensor), tensor)
+        if self.quantized:
+            return self.g.dequantize(x, scale, dtype, dq_name)
+        g = self.g
+        return g.node("Mul", [g.node("Cast", [x], to=g.onnx.TensorProto.FLOAT),
+                              g.const(f"{_name(tensor)}/pow2", scale)])
+
+
 def to_onnx(program: IntegerProgram, *, intermediates: bool = False, warn: bool = True,
             quantized: bool = True):
     """The program as an ONNX model (opset 17): input 'images', uint8 [N, C, H, W]; output
@@ -128,7 +156,8 @@ def to_onnx(program: IntegerProgram, *, intermediates: bool = False, warn: bool 
     ``quantized=False``: the same network in float32 instead (no QuantizeLinear or
     DequantizeLinear; weights and biases as float32 values, each requantization a clip to
     its 8-bit range without rounding): the float model of the exported network, for
-    float32 baselines and for other quantization tools to start from."""
+    float32 baselines and for other quantization tools to start from. Each op is lowered
+    by its kind (``OpKind.lower``, integer/ops)."""
     onnx = _onnx()
     program.validate()
     ops_inexact = inexact_ops(program)
@@ -136,113 +165,13 @@ def to_onnx(program: IntegerProgram, *, intermediates: bool = False, warn: bool 
         warnings.warn("ONNX runtimes may compute these ops in float32, where a sum at or "
                       "above 2^24 rounds; the static check cannot rule that out for: "
                       + "; ".join(ops_inexact), stacklevel=2)
-    g = _Graph(onnx, quantized)
-    tensors = program.tensors
-    float_of = {}   # program tensor -> float ONNX tensor holding its exact value
-    int8_of = {}    # program 8-bit tensor -> its QuantizeLinear output
-    images = INPUT
-    flat = set()    # tensors of shape [N, C] (after the global pool)
+    lo = _Lowering(program, _Graph(onnx, quantized), quantized)
     for op in program.ops:
-        kind, out, name = op["op"], op["out"], _name(op["out"])
-        fl = tensors[out]["fraclen"]
-        if kind == "image":
-            int8_of[out] = images
-            float_of[out] = (g.dequantize(images, _scale(fl, out), np.uint8, name) if quantized
-                             else g.node("Mul", [g.node("Cast", [images],
-                                                        to=onnx.TensorProto.FLOAT),
-                                                 g.const(f"{name}/pow2", _scale(fl, out))]))
-        elif kind == "lookup":
-            table = program.arrays[op["table"]]  # [C, 256] int8
-            channels = table.shape[0]
-            offsets = (np.arange(channels, dtype=np.int64) * 256).reshape(1, channels, 1, 1)
-            index = g.node("Add", [g.node("Cast", [images], to=onnx.TensorProto.INT64),
-                                   g.const(f"{name}/offsets", offsets)])
-            int8_of[out] = g.node("Gather", [g.const(f"{name}/table", table.reshape(-1)),
-                                             index], name)
-            float_of[out] = (g.dequantize(int8_of[out], _scale(fl, out), np.int8, f"{name}/dq")
-                             if quantized else g.node("Mul", [
-                                 g.node("Cast", [int8_of[out]], to=onnx.TensorProto.FLOAT),
-                                 g.const(f"{name}/pow2", _scale(fl, out))]))
-        elif kind in ("conv", "dense"):
-            src = op["in"][0]
-            x = float_of[src]
-            w = program.arrays[op["weight"]]
-            fl_in = tensors[src]["fraclen"]
-            if len(set(fl_in)) != 1:
-                raise ValueError(f"{op['name']}: its input {src!r} has per-channel formats; "
-                                 "a conv's input needs one")
-            fl_w = np.asarray(fl, np.int64) - fl_in[0]
-            if kind == "conv":
-                weight = np.ascontiguousarray(w.transpose(3, 2, 0, 1))  # HWIO -> OIHW
-            else:
-                weight = np.ascontiguousarray(w)  # [C, O], Gemm's B
-            wf = g.constant(weight, _scale(fl_w, op["name"]), np.int8, f"{name}/w",
-                            axis=0 if kind == "conv" else 1)
-            bf = g.constant(program.arrays[op["bias"]], _scale(fl, op["name"]), np.int32,
-                            f"{name}/b", axis=0)
-            if kind == "conv":
-                k, p, st = w.shape[0], op["padding"], op["strides"]
-                float_of[out] = g.node("Conv", [x, wf, bf], name, kernel_shape=[k, k],
-                                       pads=[p] * 4, strides=[st, st], group=op["groups"])
-            else:
-                float_of[out] = g.node("Gemm", [x, wf, bf], name)
-        elif kind == "requantize":
-            x = float_of[op["in"][0]]
-            if op["in"][0] in flat:
-                flat.add(out)
-            scale = _scale(fl, out)
-            limit = np.asarray(scale, np.float32) * np.float32(127 if op["signed"] else 255)
-            if np.ndim(limit) and op["in"][0] not in flat:
-                limit = limit.reshape(-1, 1, 1)  # [C, 1, 1] against [N, C, H, W]
-            if not quantized:  # the 8-bit range as a clip, no rounding
-                low = -limit if op["signed"] else np.zeros_like(limit)
-                float_of[out] = g.node("Min", [g.node("Max", [x, g.const(f"{name}/low", low)]),
-                                               g.const(f"{name}/high", limit)], name)
-                continue
-            if op["signed"]:  # the program's int8 range is [-127, 127]
-                x = g.node("Max", [x, g.const(f"{name}/low", -limit)])
-            dtype = np.int8 if op["signed"] else np.uint8
-            int8_of[out] = g.quantize(x, scale, dtype, name)
-            float_of[out] = g.dequantize(int8_of[out], scale, dtype, f"{name}/dq")
-        elif kind == "relu":
-            if op["in"][0] in flat:
-                flat.add(out)
-            float_of[out] = g.node("Relu", [float_of[op["in"][0]]], name)
-        elif kind == "add":
-            y = g.node("Add", [float_of[op["in"][0]], float_of[op["in"][1]]],
-                       None if op["relu"] else name)
-            float_of[out] = g.node("Relu", [y], name) if op["relu"] else y
-        elif kind == "max_pool":
-            w, s, p = op["window"], op["strides"], op["padding"]
-            float_of[out] = g.node("MaxPool", [float_of[op["in"][0]]], name,
-                                   kernel_shape=[w, w], strides=[s, s], pads=[p] * 4)
-        elif kind == "avg_pool":
-            total = g.node("ReduceSum", [float_of[op["in"][0]],
-                                         g.const(f"{name}/axes", np.array([2, 3], np.int64))],
-                           keepdims=0)
-            flat.add(out)
-            float_of[out] = g.node("Mul", [total, g.const(
-                f"{name}/pow2", np.float32(2.0 ** -op["shift"]))], name)
-        else:  # pragma: no cover - validate() knows every op
-            raise ValueError(f"op {kind!r} has no ONNX form")
-    logits = g.node("Identity", [float_of[program.output]], OUTPUT)
-    h, tp = g.h, onnx.TensorProto
-    c = program.image_shape[2]
-    inputs = [h.make_tensor_value_info(INPUT, tp.UINT8, ["N", c, *program.image_shape[:2]])]
-    outputs = [h.make_tensor_value_info(logits, tp.FLOAT, ["N", program.num_classes])]
-    if intermediates and quantized:
-        for tensor, q in int8_of.items():
-            if q == INPUT:
-                continue
-            dtype = tp.INT8 if tensors[tensor]["kind"] == "signed" else tp.UINT8
-            channels = tensors[tensor]["channels"]
-            shape = ["N", channels] + ([] if tensor in flat else [None, None])
-            outputs.append(h.make_tensor_value_info(q, dtype, shape))
-    graph = h.make_graph(g.nodes, f"{program.model}_{'integer' if quantized else 'float32'}",
-                         inputs, outputs, g.initializers)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)],
-                         producer_name="f8net_jax")
-    model.ir_version = 8
+        if op["in"] and all(name in lo.flat for name in op["in"]):
+            lo.flat.add(op["out"])  # an op of [N, C] tensors gives one (pools declare theirs)
+        ops.kind_of(op).lower(op, lo)
+    model = _model(lo, intermediates and quantized)
+    h = onnx.helper
     h.set_model_props(model, {
         "logits_fraclen": str(program.logits_fraclen),
         "inexact_ops": "; ".join(ops_inexact) or "none",
@@ -253,7 +182,32 @@ def to_onnx(program: IntegerProgram, *, intermediates: bool = False, warn: bool 
     return model
 
 
+def _model(lo: _Lowering, intermediates: bool):
+    """The ONNX model of a lowered program: its input, logits and (``intermediates``) its
+    8-bit tensors as outputs."""
+    program, g = lo.program, lo.g
+    logits = g.node("Identity", [lo.float_of[program.output]], OUTPUT)
+    h, tp = g.h, g.onnx.TensorProto
+    c = program.image_shape[2]
+    inputs = [h.make_tensor_value_info(INPUT, tp.UINT8, ["N", c, *program.image_shape[:2]])]
+    outputs = [h.make_tensor_value_info(logits, tp.FLOAT, ["N", program.num_classes])]
+    if intermediates:
+        for tensor, q in lo.int8_of.items():
+            if q == INPUT:
+                continue
+            dtype = tp.INT8 if program.tensors[tensor]["kind"] == "signed" else tp.UINT8
+            channels = program.tensors[tensor]["channels"]
+            shape = ["N", channels] + ([] if tensor in lo.flat else [None, None])
+            outputs.append(h.make_tensor_value_info(q, dtype, shape))
+    graph = h.make_graph(g.nodes, f"{program.model}_{'integer' if lo.quantized else 'float32'}",
+                         inputs, outputs, g.initializers)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)],
+                         producer_name="f8net_jax")
+    model.ir_version = 8
+    return model
+
+
 def intermediate_names(program: IntegerProgram) -> list[str]:
     """The program's 8-bit tensors that ``to_onnx(..., intermediates=True)`` also outputs
     (their ONNX names are ``_name`` of these)."""
-    return [op["out"] for op in program.ops if op["op"] in ("requantize", "lookup")]
+    return [op["out"] for op in program.ops if ops.kind_of(op).onnx_intermediate]

@@ -6,26 +6,16 @@ Tensors have a kind: 'unsigned' (8-bit activations in [0, 255]), 'signed' (8-bit
 channel: tensor value = integer * 2^-fraclen. How an executor stores 8-bit tensors (uint8,
 or int8 offset by -128) is its own choice; the program holds true values.
 
-Ops (each a JSON object with 'op', 'in', 'out'):
-  image       uint8 pixels p -> 'unsigned' p at fl 8
-  lookup      uint8 pixels -> 'signed' int8 through a per-channel table (normalized input)
-  conv        8-bit input, int8 HWIO weight, int32 bias -> int32; zero padding of
-              kernel_size // 2, groups for depthwise
-  dense       8-bit input, int8 weight, int32 bias -> int32 (the logits)
-  requantize  int32 -> 8-bit: rounding right shift (half to even) or saturating left shift
-              per channel (shift = fl_in - fl_out), then saturation to the 8-bit range
-              (the ReLU of unsigned ones)
-  relu        int32 max(x, 0)
-  add         int32 + int32, each shifted left to the finer format first (alignment)
-  max_pool    int32 window max
-  avg_pool    int32 global sum; the value is the mean's sum * 2^-shift, so the format gains
-              'shift' fractional bits and no rounding happens here
+Ops are JSON objects with 'op' (the kind), 'in' (the tensors it reads) and 'out' (the
+one it writes), and the fields of their kind: image, lookup, conv, dense, requantize, relu,
+add, max_pool, avg_pool, each a class of ``f8net_jax.integer.ops`` (its fields, what it
+computes, its validation, bounds and lowerings; ``OPS`` lists the registered kinds).
 
 Shifts and formats follow from the fraclens of the tensors: a layer's accumulator has
 fraclen input + weight, a requantize shifts by fl_in - fl_out, an add's output has its
 finer operand's fraclen and each operand is shifted left by the difference, an avg_pool's
 output gains its shift, relu and max_pool keep their input's; ``validate`` refuses a
-program where they do not (``FORMAT_RULES``, one rule per op kind).
+program where they do not (each kind's ``format_rule``).
 
 'saturate' on an op means the static check could not rule out leaving int32 there, so the
 executor uses saturating arithmetic (see ``exporter``).
@@ -39,32 +29,17 @@ import io
 import json
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
-from f8net_jax import folding
+from f8net_jax.integer import ops
+from f8net_jax.integer.ops.base import is_json, validate_op
 
 FORMAT = "f8net_jax.integer_program"
 VERSION = 2  # 2: the op graph carries its own checksum (graph_sha256)
 KINDS = ("unsigned", "signed", "int32")
-OPS = ("image", "lookup", "conv", "dense", "requantize", "relu", "add", "max_pool", "avg_pool")
-ACCUMULATING = ("conv", "dense")  # the layers: int8 x int8 products into int32, a bias
-ARRAY_DTYPES = {"weight": np.int8, "bias": np.int32, "table": np.int8}
-# Per op: how many tensors it reads, and the fields it needs with their types.
-OP_FIELDS = {
-    "image": (0, {}),
-    "lookup": (0, {"table": str}),
-    "conv": (1, {"name": str, "weight": str, "bias": str, "strides": int, "padding": int,
-                 "groups": int, "saturate": bool, "input_fraclen": int, "weight_fraclen": list}),
-    "dense": (1, {"name": str, "weight": str, "bias": str, "saturate": bool,
-                  "input_fraclen": int, "weight_fraclen": list}),
-    "requantize": (1, {"signed": bool, "shift": list}),
-    "relu": (1, {}),
-    "add": (2, {"name": str, "shift": list, "relu": bool, "saturate": bool}),
-    "max_pool": (1, {"window": int, "strides": int, "padding": int}),
-    "avg_pool": (1, {"shift": int, "window": int, "saturate": bool}),
-}
+OPS = ops.REGISTRY.keys()  # the op kinds, as registered (a live view)
 
 
 @dataclasses.dataclass
@@ -113,224 +88,28 @@ class IntegerProgram:
                 kind = tensor.get("kind") if isinstance(tensor, dict) else tensor
                 fail(f"tensor {name!r} has kind {kind!r}; allowed {list(KINDS)}")
             channels = tensor.get("channels")
-            if not _is(channels, int) or channels < 1:
+            if not is_json(channels, int) or channels < 1:
                 fail(f"tensor {name!r}: 'channels' must be a positive integer, got {channels!r}")
-            if not _is(tensor.get("fraclen"), list) or len(tensor["fraclen"]) != channels:
+            if not is_json(tensor.get("fraclen"), list) or len(tensor["fraclen"]) != channels:
                 fail(f"tensor {name!r} needs one fraclen per channel")
-            if not all(_is(v, int) for v in tensor["fraclen"]):
+            if not all(is_json(v, int) for v in tensor["fraclen"]):
                 fail(f"tensor {name!r}: 'fraclen' must hold integers, got {tensor['fraclen']!r}")
         known = set()
         for i, op in enumerate(self.ops):
             if not isinstance(op, dict):
                 fail(f"op {i} must be an object, got {op!r}")
-            self._validate_op(i, op, known, fail)
+            validate_op(self, i, op, known, fail)
             known.add(op["out"])
         if self.output not in known:
             fail(f"output {self.output!r} is not written by any op")
         last = self.ops[-1] if self.ops else {}
-        if last.get("out") != self.output or last.get("op") != "dense":
+        kind = ops.REGISTRY.get(last.get("op")) if isinstance(last.get("op"), str) else None
+        if last.get("out") != self.output or not getattr(kind, "gives_logits", False):
             fail(f"output {self.output!r} must be the logits: the tensor the last op, the "
                  f"classifier's dense, writes (the last op writes {last.get('out')!r})")
         if self.tensors[self.output].get("channels") != self.num_classes:
             fail(f"the logits {self.output!r} have {self.tensors[self.output].get('channels')} "
                  f"channels but num_classes is {self.num_classes}")
-
-    def _validate_op(self, i: int, op: dict, known: set, fail) -> None:
-        """One op's fields, and the shapes of its arrays against the tensors it reads."""
-        kind = op.get("op")
-        if kind not in OPS:
-            fail(f"op {i} has unknown type {kind!r}; allowed {list(OPS)}")
-        name = op.get("name", op.get("out"))
-        label = f"op {i} ({kind}{' ' + name if isinstance(name, str) else ''})"
-        arity, fields = OP_FIELDS[kind]
-        inputs = op.get("in")
-        if not isinstance(inputs, list) or len(inputs) != arity:
-            fail(f"{label}: 'in' must list {arity} tensor(s), got {inputs!r}")
-        for name in inputs:
-            if name not in known:
-                fail(f"{label} reads tensor {name!r} before it is written")
-        for field, kind_of in fields.items():
-            value = op.get(field)
-            if field not in op:
-                fail(f"{label} lacks the field {field!r}")
-            if not _is(value, kind_of):
-                fail(f"{label}: {field!r} must be {kind_of.__name__}, got {value!r}")
-        out = op.get("out")
-        if not isinstance(out, str) or out not in self.tensors:
-            fail(f"{label} writes tensor {out!r}, which has no entry in 'tensors'")
-        for field, dtype in ARRAY_DTYPES.items():
-            if field in op:
-                array = self.arrays.get(op[field])
-                if array is None:
-                    fail(f"{label} needs array {op[field]!r}, which is missing")
-                if array.dtype != dtype:
-                    fail(f"array {op[field]!r} must be {np.dtype(dtype).name}, got {array.dtype}")
-        for field in ("strides", "window"):
-            if field in fields and op[field] < 1:
-                fail(f"{label}: {field!r} must be >= 1, got {op[field]}")
-        if "padding" in fields and op["padding"] < 0:
-            fail(f"{label}: 'padding' must be >= 0, got {op['padding']}")
-        src = self.tensors[inputs[0]] if inputs else None
-        dst = self.tensors[out]
-
-        def expect(what, got, wanted):
-            if tuple(got) != tuple(wanted):
-                fail(f"{label}: {what} is {tuple(got)}, expected {tuple(wanted)}")
-
-        def expect_kind(tensor_name, tensor, kinds):
-            if tensor["kind"] not in kinds:
-                fail(f"{label}: tensor {tensor_name!r} is {tensor['kind']}, expected "
-                     f"{' or '.join(kinds)}")
-
-        channels_in = self.image_shape[2]
-        if kind == "image":
-            expect_kind(out, dst, ("unsigned",))
-            expect(f"the channels of {out!r}", (dst["channels"],), (channels_in,))
-        elif kind == "lookup":
-            expect_kind(out, dst, ("signed",))
-            expect(f"the shape of {op['table']!r}", self.arrays[op["table"]].shape,
-                   (channels_in, 256))
-            expect(f"the channels of {out!r}", (dst["channels"],), (channels_in,))
-        elif kind in ACCUMULATING:
-            expect_kind(inputs[0], src, ("unsigned", "signed"))
-            expect_kind(out, dst, ("int32",))
-            weight, bias = self.arrays[op["weight"]], self.arrays[op["bias"]]
-            cout = dst["channels"]
-            if kind == "conv":
-                groups = op["groups"]
-                if groups < 1 or src["channels"] % groups:
-                    fail(f"{label}: 'groups' {groups} does not divide the "
-                         f"{src['channels']} input channels")
-                if weight.ndim != 4 or weight.shape[0] != weight.shape[1]:
-                    fail(f"{label}: weight {op['weight']!r} must be square HWIO, got shape "
-                         f"{weight.shape}")
-                expect(f"the shape of {op['weight']!r}", weight.shape,
-                       (weight.shape[0], weight.shape[0], src["channels"] // groups, cout))
-            else:
-                expect(f"the shape of {op['weight']!r}", weight.shape, (src["channels"], cout))
-            expect(f"the shape of {op['bias']!r}", bias.shape, (cout,))
-        elif kind == "requantize":
-            expect_kind(inputs[0], src, ("int32",))
-            expect_kind(out, dst, ("signed",) if op["signed"] else ("unsigned",))
-            expect("the length of 'shift'", (len(op["shift"]),), (src["channels"],))
-            expect(f"the channels of {out!r}", (dst["channels"],), (src["channels"],))
-        elif kind == "add":
-            a, b = (self.tensors[n] for n in inputs)
-            for name, tensor in zip(inputs, (a, b)):
-                expect_kind(name, tensor, ("int32",))
-            shift = op["shift"]
-            if len(shift) != 2 or not all(_is(s, list) for s in shift):
-                fail(f"{label}: 'shift' must hold one list per input")
-            expect("the channels of its inputs", (a["channels"], b["channels"]),
-                   (dst["channels"],) * 2)
-            expect("the lengths of 'shift'", tuple(map(len, shift)), (dst["channels"],) * 2)
-        else:  # relu, max_pool, avg_pool
-            expect_kind(inputs[0], src, ("int32",))
-            expect(f"the channels of {out!r}", (dst["channels"],), (src["channels"],))
-        problem = FORMAT_RULES[kind](op, self.tensors)
-        if problem:
-            fail(f"{label}: {problem}")
-
-
-# --------------------------------------------------------------------------------------
-# The formats an op's inputs imply: each rule returns what does not follow, or None.
-
-
-def _brief(values) -> str:
-    """Per-channel integers, one if they agree, else the first few."""
-    values = list(values)
-    if not all(_is(v, int) for v in values):
-        return repr(values)
-    values = [int(v) for v in values]
-    if len(set(values)) == 1:
-        return str(values[0])
-    return str(values) if len(values) <= 8 else f"[{str(values[:8])[1:-1]}, ...]"
-
-
-def _follows(what, got, wanted, sources) -> Optional[str]:
-    """None if ``got`` (per channel) equals ``wanted``, else the message naming
-    ``sources`` ({tensor name: its fraclens}) it should have followed from."""
-    if list(got) == [int(v) for v in wanted]:
-        return None
-    names = " and ".join(f"{n!r} ({_brief(fl)})" for n, fl in sources.items())
-    return f"{what} is {_brief(got)}, which does not follow from the fraclens of {names}: " \
-           f"expected {_brief(wanted)}"
-
-
-def _fraclens(op, tensors) -> tuple:
-    """(the fraclens of the op's inputs as arrays, those of its output)."""
-    ins = [np.asarray(tensors[n]["fraclen"], np.int64) for n in op["in"]]
-    return ins, np.asarray(tensors[op["out"]]["fraclen"], np.int64)
-
-
-def _image_rule(op, tensors) -> Optional[str]:
-    """Pixels p are the value p / 256."""
-    _, out = _fraclens(op, tensors)
-    if set(out.tolist()) != {8}:
-        return f"the fraclen of {op['out']!r} is {_brief(out)}: pixels have fraclen 8"
-    return None
-
-
-def _accumulating_rule(op, tensors) -> Optional[str]:
-    """One input format; the accumulator's fraclen is the input's plus the weight's."""
-    (fl_in,), out = _fraclens(op, tensors)
-    src, w_fl = op["in"][0], op["weight_fraclen"]
-    if set(fl_in.tolist()) != {op["input_fraclen"]}:
-        return f"'input_fraclen' {op['input_fraclen']} is not the fraclen of {src!r} " \
-               f"({_brief(fl_in)})"
-    if len(w_fl) != out.size or not all(_is(v, int) for v in w_fl):
-        return f"'weight_fraclen' must hold one integer per output channel, got {w_fl!r}"
-    return _follows(f"the fraclen of {op['out']!r}", out, fl_in[0] + np.asarray(w_fl),
-                    {src: fl_in})
-
-
-def _requantize_rule(op, tensors) -> Optional[str]:
-    """A right shift by the input's fraclen minus the output's (left where negative)."""
-    (fl_in,), out = _fraclens(op, tensors)
-    return _follows("'shift'", op["shift"], fl_in - out, {op["in"][0]: fl_in, op["out"]: out})
-
-
-def _add_rule(op, tensors) -> Optional[str]:
-    """The sum is in the finer operand's format, each operand shifted left to it."""
-    (fa, fb), out = _fraclens(op, tensors)
-    sources = dict(zip(op["in"], (fa, fb)))
-    return (_follows(f"the fraclen of {op['out']!r}", out, np.maximum(fa, fb), sources)
-            or _follows(f"the shift of {op['in'][0]!r}", op["shift"][0], out - fa, sources)
-            or _follows(f"the shift of {op['in'][1]!r}", op["shift"][1], out - fb, sources))
-
-
-def _avg_pool_rule(op, tensors) -> Optional[str]:
-    """The window's sum gains round(log2(window)) fractional bits (folding.pool_shift)."""
-    (fl_in,), out = _fraclens(op, tensors)
-    wanted = folding.pool_shift(op["window"])
-    if op["shift"] != wanted:
-        return f"'shift' is {op['shift']}, which does not follow from the window " \
-               f"{op['window']}: expected {wanted}"
-    return _follows(f"the fraclen of {op['out']!r}", out, fl_in + op["shift"],
-                    {op["in"][0]: fl_in})
-
-
-def _same_rule(op, tensors) -> Optional[str]:
-    """The output keeps the input's format."""
-    (fl_in,), out = _fraclens(op, tensors)
-    return _follows(f"the fraclen of {op['out']!r}", out, fl_in, {op["in"][0]: fl_in})
-
-
-FORMAT_RULES = {"image": _image_rule, "lookup": lambda op, tensors: None,
-                "conv": _accumulating_rule, "dense": _accumulating_rule,
-                "requantize": _requantize_rule, "relu": _same_rule, "add": _add_rule,
-                "max_pool": _same_rule, "avg_pool": _avg_pool_rule}
-
-
-def _is(value, kind) -> bool:
-    """isinstance for JSON types, taking numpy scalars and arrays as JSON would."""
-    if kind is bool:
-        return isinstance(value, (bool, np.bool_))
-    if kind is int:
-        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if kind is list:
-        return isinstance(value, (list, tuple, np.ndarray))
-    return isinstance(value, kind)
 
 
 GRAPH_FIELDS = ("model", "num_classes", "image_shape", "output", "info", "tensors", "ops")

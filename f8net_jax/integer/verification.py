@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from f8net_jax.integer.executor import Executor
-from f8net_jax.integer.program import ACCUMULATING, IntegerProgram
+from f8net_jax.integer import ops
+from f8net_jax.integer.program import IntegerProgram
 
 
 def simulation_fn(model):
@@ -73,17 +74,10 @@ class Report:
 
 def pairs(program: IntegerProgram):
     """(simulation module path, program tensor, required) triples that must hold the same
-    numbers. A residual add is compared where its name is a module whose output it is
-    (a block); an add outside any module has no captured value and is covered by its
-    readers."""
-    out = []
-    for op in program.ops:
-        if op["op"] in ACCUMULATING:
-            out.append((f"{op['name']}/input", op["in"][0], True))
-            out.append((op["name"], op["out"], True))
-        elif op["op"] == "add":
-            out.append((op["name"], op["out"], False))
-    return out
+    numbers, as each op's kind pairs them (``OpKind.pairs``): a layer's quantized input and
+    output; a residual add where its name is a module whose output it is (a block); an add
+    outside any module has no captured value and is covered by its readers."""
+    return [pair for op in program.ops for pair in ops.kind_of(op).pairs(op)]
 
 
 class Verifier:
