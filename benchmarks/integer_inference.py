@@ -68,13 +68,18 @@ def per_layer(case: runtimes.Case, executor) -> None:
     """ms of each oneDNN call of the executor alone, at the benchmark's batch, interleaved
     with the whole executor (no settling pause: the calls follow one another as in it)."""
     batch = len(case.images)
-    names = executor.plan.backend.implementations(executor.plan, batch)
+    names = executor.implementations(batch)
+    arrays = executor.arrays_for(batch)
     rng = np.random.default_rng(0)
     fns, inputs, rows = {"executor": executor}, {"executor": jnp.asarray(case.images)}, {}
     for op in executor.plan.ops:
         if not ops.kind_of(op).accumulating:
             continue
-        w = executor.arrays[f"{op['name']}/weight"]
+        w = arrays[f"{op['name']}/weight"]
+        geometry = executor.plan.backend._geometry(op, batch)[0]
+        _, exact, layout = onednn.choice(geometry)
+        if not exact:
+            continue
         shape = op["weight_shape"]
         if op["op"] == "conv":
             h, wd = op["in_spatial"]
@@ -82,17 +87,17 @@ def per_layer(case: runtimes.Case, executor) -> None:
             extra = 2 * (op["padding"] - p)
             x = rng.integers(0, 256, (batch, h + extra, wd + extra, shape[2] * op["groups"]),
                              np.uint8)
-            fn = jax.jit(lambda x, w, op=op, p=p, shape=shape: onednn.conv(
+            fn = jax.jit(lambda x, w, op=op, p=p, shape=shape, layout=layout: onednn.conv(
                 x, w, kernel_size=int(shape[0]), strides=op["strides"], padding=p,
-                groups=op["groups"], out_channels=int(shape[3])))
+                groups=op["groups"], out_channels=int(shape[3]), layout=layout))
             oh = window_output_size(h, int(shape[0]), op["strides"], op["padding"])
             ow = window_output_size(wd, int(shape[0]), op["strides"], op["padding"])
             macs = batch * oh * ow * int(np.prod(shape))
             what = f"{h}x{wd}x{shape[2] * op['groups']} k{shape[0]} s{op['strides']} -> {shape[3]}"
         else:
             x = rng.integers(0, 256, (batch, shape[0]), np.uint8)
-            fn = jax.jit(lambda x, w, shape=shape: onednn.dense(x, w,
-                                                                out_channels=int(shape[1])))
+            fn = jax.jit(lambda x, w, shape=shape, layout=layout: onednn.dense(
+                x, w, out_channels=int(shape[1]), layout=layout))
             macs = batch * int(np.prod(shape))
             what = f"{shape[0]} -> {shape[1]}"
         fns[op["name"]] = lambda x, fn=fn, w=w: fn(x, w)

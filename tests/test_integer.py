@@ -272,19 +272,20 @@ def test_onednn_int8_conv_is_the_exact_integer_sum(case):
     if c >= 600:  # every sum above 2^24 and odd: 255 * (127 * fan-in - 1)
         x[:], w[:] = 255, 127
         w[0, 0, 0, :] = 126
-    geometry = onednn.layer("conv", batch=1, height=size, width=size, in_channels=c,
+    geometry = onednn.layer("conv", batch=n, height=size, width=size, in_channels=c,
                             out_channels=o, kernel_size=k, strides=s, padding=p, groups=g,
                             signed=False)
+    impl, exact, layout = onednn.choice(geometry)
+    assert exact and ("vnni" in impl or "amx" in impl), impl
     packed = jnp.asarray(onednn.pack_weight(w, geometry))
     fn = jax.jit(lambda x, w: onednn.conv(x, w, kernel_size=k, strides=s, padding=p,
-                                          groups=g, out_channels=o))
+                                          groups=g, out_channels=o, layout=layout))
     ref = _reference_conv(x, w, s, p, g)
     if c >= 600:
         assert ref.min() > 2 ** 24 and np.all(ref % 2 == 1)
     np.testing.assert_array_equal(np.asarray(fn(jnp.asarray(x), packed)), ref)
     jaxpr = jax.make_jaxpr(fn)(jnp.asarray(x), packed)
     assert audit.audit(jaxpr) == []
-    assert onednn.implementation(geometry)  # oneDNN names the primitive it runs
 
 
 def test_onednn_int8_dense_is_exact_and_packed_weights_must_match_the_layer():
@@ -295,13 +296,17 @@ def test_onednn_int8_dense_is_exact_and_packed_weights_must_match_the_layer():
     x = rng.integers(0, 256, (5, 1200), dtype=np.uint8)
     w = rng.integers(-127, 128, (1200, 100), dtype=np.int8)
     x[0], w[:, 0] = 255, 127  # one sum of 255 * 127 * 1200 > 2^24
-    packed = onednn.pack_weight(w, onednn.layer("dense", batch=1, in_channels=1200,
-                                                out_channels=100, signed=False))
-    y = onednn.dense(jnp.asarray(x), jnp.asarray(packed), out_channels=100)
+    geometry = onednn.layer("dense", batch=5, in_channels=1200, out_channels=100, signed=False)
+    _, _, layout = onednn.choice(geometry)
+    packed = onednn.pack_weight(w, geometry)
+    y = onednn.dense(jnp.asarray(x), jnp.asarray(packed), out_channels=100, layout=layout)
     np.testing.assert_array_equal(np.asarray(y), x.astype(np.int64) @ w.astype(np.int64))
     with pytest.raises(Exception, match="packed weights do not match"):
-        jax.block_until_ready(onednn.dense(jnp.asarray(x[:, :600]),
-                                           jnp.asarray(packed), out_channels=100))
+        jax.block_until_ready(onednn.dense(jnp.asarray(x[:, :600]), jnp.asarray(packed),
+                                           out_channels=100, layout=layout))
+    with pytest.raises(Exception, match="packed weights do not match"):  # another layout
+        jax.block_until_ready(onednn.dense(jnp.asarray(x), jnp.asarray(packed),
+                                           out_channels=100, layout=layout + 1))
 
 
 def test_saturating_add_clips_instead_of_wrapping():

@@ -10,6 +10,8 @@ after the kind, and inherit the rest. Activations are stored as uint8 or int8 co
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,7 @@ import numpy as np
 from f8net_jax import fixed_point as fp
 from f8net_jax.ops import window_output_size
 from f8net_jax.integer import arithmetic, onednn, ops, vnni
-from f8net_jax.integer.ops.layers import AccumulatingLayer
+from f8net_jax.integer.ops.layers import AccumulatingLayer, xla_conv
 
 
 class Backend:
@@ -45,6 +47,19 @@ class Backend:
         """(weight, bias, fields added to the op) for a fast layer."""
         raise NotImplementedError
 
+    def batch_arrays(self, plan, batch: int) -> dict:
+        """Arrays that depend on the batch size (weights packed for the kernel that runs
+        the layer at that batch), replacing the plan's own under the same names."""
+        return {}
+
+    def implementations(self, plan, batch: int) -> dict:
+        """Per layer, what computes it at this batch size."""
+        return {op["name"]: self.describe(op, batch) for op in plan.ops
+                if ops.kind_of(op).accumulating}
+
+    def describe(self, op: dict, batch: int) -> str:
+        return f"xla int8 {'convolution' if op['op'] == 'conv' else 'dot_general'}"
+
     def kernel(self, kind: str):
         """The backend's own method for op ``kind``, or None (a name of Backend's own
         machinery, such as 'pack', is never a kernel)."""
@@ -66,6 +81,10 @@ class Im2colBackend(Backend):
     convolution with int32 results, and for portable jax.export artifacts."""
 
     name = "im2col"
+
+    def describe(self, op, batch):
+        return "int8 dot_general over patches" if op["op"] == "conv" else super().describe(
+            op, batch)
 
     def conv(self, op, args, run):
         return ops.REGISTRY["conv"].run(op, args, run, convolve=_im2col_conv)
@@ -92,6 +111,9 @@ class VnniBackend(Backend):
         padded[:bias.size] = bias
         return packed, padded, {"in_channels": w.shape[2], "padded_channels": cp}
 
+    def describe(self, op, batch):
+        return "vnni kernel (AVX-512 VNNI)" if op["fast"] else super().describe(op, batch)
+
     def conv(self, op, args, run):
         if not op["fast"]:
             return ops.REGISTRY["conv"].run(op, args, run)
@@ -109,7 +131,13 @@ class OnednnBackend(Backend):
     or VNNI, see onednn.py) on uint8 x int8 into int32: unsigned tensors are kept as
     uint8, signed ones as int8 and offset to uint8 for the products (value + 128, the
     correction -128 * sum(w) joins the bias), since oneDNN's int8-source path is exact
-    only below 2^24. The bias add and requantization run in XLA, in integers."""
+    only below 2^24. The bias add and requantization run in XLA, in integers.
+
+    Which primitive runs a layer is decided per batch size, when the executor first sees
+    it (``onednn.choice``), and the weights are packed for it then (``batch_arrays``). A
+    layer for which oneDNN offers no exact implementation at that batch runs XLA's int8
+    convolution (or dot_general) on the same codes, offset to int8, and says so in
+    ``implementations``."""
 
     name = "onednn"
 
@@ -120,8 +148,12 @@ class OnednnBackend(Backend):
         return True, "u8"
 
     def pack(self, op, w, bias):
-        geometry, padding = self._geometry(op, batch=1)
-        return onednn.pack_weight(w, geometry), bias, {"kernel_padding": padding}
+        """The program's weight (packed per batch size, ``batch_arrays``), the padding
+        oneDNN applies, and 128 * sum(w): what turns a product of int8 codes (u8 - 128)
+        into the uint8 codes' one, for layers oneDNN cannot run exactly."""
+        _, padding = self._geometry(op, batch=1)
+        wsum = np.sum(w.astype(np.int64), axis=tuple(range(w.ndim - 1)))
+        return w, bias, {"kernel_padding": padding, "s8_to_u8": (128 * wsum).astype(np.int32)}
 
     @staticmethod
     def _geometry(op, batch):
@@ -140,27 +172,68 @@ class OnednnBackend(Backend):
                             kernel_size=w[0], strides=op["strides"], padding=padding,
                             groups=op["groups"], signed=False), padding
 
+    def _choice(self, op, batch):
+        impl, exact, layout = onednn.choice(self._geometry(op, batch)[0])
+        if not exact and (op["name"], batch) not in _WARNED:
+            _WARNED.add((op["name"], batch))
+            logging.warning("%s at batch %d: oneDNN offers no exact int8 implementation "
+                            "(only %s); XLA's int8 %s computes it", op["name"], batch, impl,
+                            op["op"])
+        return impl, exact, layout
+
+    def batch_arrays(self, plan, batch):
+        cache = plan.cache.setdefault(self.name, {})
+        out = {}
+        for op in plan.ops:
+            if not ops.kind_of(op).accumulating:
+                continue
+            _, exact, layout = self._choice(op, batch)
+            if exact:
+                key = (op["name"], layout)
+                if key not in cache:
+                    w = plan.arrays[f"{op['name']}/weight"]
+                    cache[key] = jnp.asarray(onednn.pack_weight(
+                        w, self._geometry(op, batch)[0]))
+                out[f"{op['name']}/weight"] = cache[key]
+        return out
+
+    def describe(self, op, batch):
+        impl, exact, _ = self._choice(op, batch)
+        if exact:
+            return impl
+        return f"{super().describe(op, batch)} (oneDNN offers no exact one: {impl})"
+
+    def _fallback(self, op, x, w, contract):
+        """The uint8 codes' product by XLA: int8 codes (x - 128), then 128 * sum(w)."""
+        return contract(arithmetic.recode(x, "u8", "s8"), w) + op["s8_to_u8"]
+
     def conv(self, op, args, run):
         x, w, b, c = AccumulatingLayer.layer_inputs(op, args, run)
         p, padding = op["padding"], op["kernel_padding"]
-        if p != padding:
+        _, exact, layout = self._choice(op, x.shape[0])
+        if p != padding or not exact:
             x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)),
                         constant_values=jnp.uint8(op["pad_code"]))
-        y = onednn.conv(x, w, kernel_size=int(op["weight_shape"][0]), strides=op["strides"],
-                        padding=padding, groups=op["groups"],
-                        out_channels=int(op["weight_shape"][3]))
+        if exact:
+            y = onednn.conv(x, w, kernel_size=int(op["weight_shape"][0]),
+                            strides=op["strides"], padding=padding, groups=op["groups"],
+                            out_channels=int(op["weight_shape"][3]), layout=layout)
+        else:
+            y = self._fallback(op, x, w, lambda x, w: xla_conv(op, x, w))
         return arithmetic.bias_add(y, b, op["saturate"], c)
 
     def dense(self, op, args, run):
         x, w, b, c = AccumulatingLayer.layer_inputs(op, args, run)
-        y = onednn.dense(x, w, out_channels=int(op["weight_shape"][1]))
+        _, exact, layout = self._choice(op, x.shape[0])
+        if exact:
+            y = onednn.dense(x, w, out_channels=int(op["weight_shape"][1]), layout=layout)
+        else:
+            y = self._fallback(op, x, w, lambda x, w: jax.lax.dot_general(
+                x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32))
         return arithmetic.bias_add(y, b, op["saturate"], c)
 
-    def implementations(self, plan: "Plan", batch: int) -> dict:
-        """Per layer, the primitive oneDNN runs at this batch size."""
-        return {op["name"]: onednn.implementation(self._geometry(op, batch)[0])
-                for op in plan.ops if ops.kind_of(op).accumulating}
 
+_WARNED: set = set()
 
 
 def _im2col_conv(op, x, w):

@@ -34,10 +34,12 @@ class Plan:
     """What a backend runs beyond the program: per op a copy with the backend's choices
     (each kind's ``prepare``), the storage code of every tensor ('u8', 's8' or 's32'), the
     (height, width) of every tensor (``spatial``) and the arrays (weights as the backend
-    wants them, biases with the zero-point correction -z * sum(w), exact)."""
+    wants them, biases with the zero-point correction -z * sum(w), exact); ``cache`` holds
+    what the backend prepares per batch size (``Backend.batch_arrays``)."""
 
     def __init__(self, backend: Backend, program: IntegerProgram):
         self.backend = backend
+        self.cache: dict = {}
         self.code = {name: backend.storage(t["kind"]) if t["kind"] != "int32" else "s32"
                      for name, t in program.tensors.items()}
         self.spatial = spatial_sizes(program)
@@ -140,22 +142,35 @@ class Executor:
                 raise ValueError(f"backend {self.backend!r} is not available: {why}")
         self.plan = plan(program, self.backend)
         self.arrays = {k: jnp.asarray(v) for k, v in self.plan.arrays.items()}
+        self._by_batch: dict = {}
         self._run = jax.jit(functools.partial(_execute, program, self.plan, collect=False))
         self._collect = jax.jit(functools.partial(_execute, program, self.plan, collect=True))
 
+    def arrays_for(self, batch_size: int) -> dict:
+        """The arrays the program runs with at this batch size: the plan's, with weights
+        packed for the kernels the backend chose for that batch."""
+        if batch_size not in self._by_batch:
+            extra = self.plan.backend.batch_arrays(self.plan, batch_size)
+            self._by_batch[batch_size] = {**self.arrays, **extra}
+        return self._by_batch[batch_size]
+
+    def implementations(self, batch_size: int) -> dict:
+        """Per layer, what computes it at this batch size (nothing is run)."""
+        return self.plan.backend.implementations(self.plan, batch_size)
+
     def __call__(self, images) -> jax.Array:
         check_images(self.program, images)
-        return self._run(self.arrays, images)
+        return self._run(self.arrays_for(images.shape[0]), images)
 
     def collect(self, images):
         check_images(self.program, images)
-        return self._collect(self.arrays, images)
+        return self._collect(self.arrays_for(images.shape[0]), images)
 
     def jaxpr(self, batch_size: int = 1):
         """The executor's jaxpr for a batch of uint8 images (what the audit walks)."""
         spec = jax.ShapeDtypeStruct((batch_size,) + tuple(self.program.image_shape), jnp.uint8)
         fn = functools.partial(_execute, self.program, self.plan, collect=False)
-        return jax.make_jaxpr(fn)(self.arrays, spec)
+        return jax.make_jaxpr(fn)(self.arrays_for(batch_size), spec)
 
 
 def serialize(program: IntegerProgram, batch_size: int, backend: str = "im2col") -> bytes:

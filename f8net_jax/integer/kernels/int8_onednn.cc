@@ -10,13 +10,22 @@
 // tiles, AVX-512 VNNI or AVX2 VNNI for this CPU). Zero padding is the value 0 in both
 // source types. The bias add and requantization stay in the executor.
 //
-// Weights are packed once, at program load (F8netInt8Pack): reordered from the program's
-// HWIO (dense: [C, O]) int8 layout into the layout oneDNN prefers for the layer at batch
-// kLayoutBatch (with the compensation terms it needs for an int8 source). The call builds
-// its primitive for the actual batch with exactly that weight layout; primitives are
-// cached per geometry (the cache is locked: XLA may call from several threads). Each
-// thread has its own scratchpad, kept between calls and grown as needed (Scratch), so
-// concurrent calls never share one.
+// Only implementations whose int8 dot products are exact are used: AMX int8 tiles and
+// VNNI (AVX-512 or AVX2), which sum u8 x s8 products straight into int32. Others (the
+// reference loops 'ref:any', or AVX2/AVX-512 kernels without VNNI, whose vpmaddubsw adds
+// pairs of products in int16 with saturation) are skipped: the primitive for a layer is
+// the first exact one oneDNN offers (primitive_desc::next_impl), or none, and the caller
+// then computes that layer another way. Which one runs is decided per geometry, batch
+// included, and so is the weight layout: oneDNN's kernels for batch 1 and batch 64 may
+// want different layouts, and a layout forced from another batch is what sends oneDNN to
+// its reference loops.
+//
+// Weights are packed by the caller for the layer at the batch it will run
+// (F8netInt8Pack), from the program's HWIO (dense: [C, O]) int8 layout into the layout of
+// that primitive (with the compensation terms it needs for an int8 source); the call
+// checks the packed size and the layout's index, which the caller passes with them. Primitives are cached per geometry (the cache is locked: XLA
+// may call from several threads). Each thread has its own scratchpad, kept between calls
+// and grown as needed (Scratch), so concurrent calls never share one.
 
 #include <array>
 #include <cstdint>
@@ -27,7 +36,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <type_traits>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -44,7 +53,6 @@ using dnnl::memory;
 using dt = dnnl::memory::data_type;
 using tag = dnnl::memory::format_tag;
 
-constexpr int64_t kLayoutBatch = 8;
 enum Kind : int64_t { kConv = 0, kDense = 1 };
 
 // One layer: kind, batch, input height/width/channels, output channels, kernel, output
@@ -97,28 +105,50 @@ dnnl::primitive_attr Attr() {
 }
 
 struct Entry {
+  bool exact = false;        // an exact implementation was found (else: offered lists all)
   dnnl::primitive primitive;
   memory::desc weights, scratchpad;
-  std::string impl;
+  std::string impl;          // the implementation used, or every one offered
+  int64_t layout = -1;       // the weight layout's index in Layouts()
 };
 
-// The primitive for ``g`` with weights in ``weights`` (tag::any to let oneDNN choose).
-template <typename Fn>
-auto Describe(const Layer& g, const memory::desc& weights, Fn&& make) {
-  const auto inference = dnnl::prop_kind::forward_inference;
-  if (g.kind == kDense) {
-    return make(dnnl::inner_product_forward::primitive_desc(Engine(), inference, g.Src(),
-                                                            weights, g.Dst(), Attr()));
-  }
-  return make(dnnl::convolution_forward::primitive_desc(
-      Engine(), inference, dnnl::algorithm::convolution_direct, g.Src(), weights, g.Dst(),
-      {g.stride, g.stride}, {g.pad, g.pad}, {g.pad, g.pad}, Attr()));
+// Whether an implementation's int8 products are summed exactly: AMX int8 or VNNI.
+bool ExactInt8(const std::string& impl) {
+  return impl.find("amx") != std::string::npos || impl.find("vnni") != std::string::npos;
 }
 
-// The packed weight layout of a layer: oneDNN's choice at batch kLayoutBatch.
-memory::desc PackedWeights(Layer g) {
-  g.n = kLayoutBatch;
-  return Describe(g, g.AnyWeights(), [](const auto& pd) { return pd.weights_desc(); });
+// The weight layouts seen so far (equal descs, one index): packed weights of two batches
+// with the same layout are one array.
+int64_t LayoutIndex(const memory::desc& d) {
+  static std::mutex mutex;
+  static std::vector<memory::desc> layouts;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (size_t i = 0; i < layouts.size(); ++i) {
+    if (layouts[i] == d) return static_cast<int64_t>(i);
+  }
+  layouts.push_back(d);
+  return static_cast<int64_t>(layouts.size() - 1);
+}
+
+// The first exact implementation oneDNN offers for ``g`` (weights in the layout it
+// prefers), or the list of every one it offers.
+template <typename PrimitiveDesc, typename Primitive>
+void Choose(PrimitiveDesc pd, Entry* entry) {
+  std::string offered;
+  do {
+    const std::string impl = pd.impl_info_str();
+    if (ExactInt8(impl)) {
+      entry->exact = true;
+      entry->primitive = Primitive(pd);
+      entry->weights = pd.weights_desc();
+      entry->scratchpad = pd.scratchpad_desc();
+      entry->impl = impl;
+      entry->layout = LayoutIndex(entry->weights);
+      return;
+    }
+    offered += (offered.empty() ? "" : ", ") + impl;
+  } while (pd.next_impl());
+  entry->impl = offered;
 }
 
 std::shared_ptr<Entry> Get(const Layer& g) {
@@ -131,17 +161,20 @@ std::shared_ptr<Entry> Get(const Layer& g) {
     if (it != cache.end()) return it->second;
   }
   auto entry = std::make_shared<Entry>();
-  entry->weights = PackedWeights(g);
-  Describe(g, entry->weights, [&](const auto& pd) {
-    using Primitive = std::conditional_t<
-        std::is_same_v<std::decay_t<decltype(pd)>,
-                       dnnl::inner_product_forward::primitive_desc>,
-        dnnl::inner_product_forward, dnnl::convolution_forward>;
-    entry->primitive = Primitive(pd);
-    entry->scratchpad = pd.scratchpad_desc();
-    entry->impl = pd.impl_info_str();
-    return 0;
-  });
+  const auto inference = dnnl::prop_kind::forward_inference;
+  if (g.kind == kDense) {
+    Choose<dnnl::inner_product_forward::primitive_desc, dnnl::inner_product_forward>(
+        dnnl::inner_product_forward::primitive_desc(Engine(), inference, g.Src(),
+                                                    g.AnyWeights(), g.Dst(), Attr()),
+        entry.get());
+  } else {
+    Choose<dnnl::convolution_forward::primitive_desc, dnnl::convolution_forward>(
+        dnnl::convolution_forward::primitive_desc(
+            Engine(), inference, dnnl::algorithm::convolution_direct, g.Src(),
+            g.AnyWeights(), g.Dst(), {g.stride, g.stride}, {g.pad, g.pad}, {g.pad, g.pad},
+            Attr()),
+        entry.get());
+  }
   std::lock_guard<std::mutex> lock(mutex);
   return cache.emplace(key, entry).first->second;
 }
@@ -164,11 +197,17 @@ void* Scratch(size_t bytes) {
   return buffer.data;
 }
 
-ffi::Error Execute(const Layer& g, void* x, void* w, size_t w_bytes, void* y) {
+ffi::Error Execute(const Layer& g, void* x, void* w, size_t w_bytes, int64_t layout,
+                   void* y) {
   if (!g.Valid()) return ffi::Error::InvalidArgument("f8net_int8_onednn: inconsistent shapes");
   try {
     const auto entry = Get(g);
-    if (w_bytes != entry->weights.get_size()) {
+    if (!entry->exact) {
+      return ffi::Error::InvalidArgument(
+          "f8net_int8_onednn: oneDNN offers no exact int8 implementation for this layer "
+          "(only " + entry->impl + ")");
+    }
+    if (w_bytes != entry->weights.get_size() || layout != entry->layout) {
       return ffi::Error::InvalidArgument(
           "f8net_int8_onednn: the packed weights do not match this layer (pack them with "
           "f8net_jax.integer.onednn.pack_weight on this machine)");
@@ -203,7 +242,8 @@ ffi::Error SourceSigned(const ffi::AnyBuffer& x, int64_t* src_signed) {
 }
 
 ffi::Error Conv(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::S32> y,
-                int64_t stride, int64_t pad, int64_t groups, int64_t kh, int64_t kw) {
+                int64_t stride, int64_t pad, int64_t groups, int64_t kh, int64_t kw,
+                int64_t layout) {
   const auto xd = x.dimensions();
   const auto yd = y->dimensions();
   if (xd.size() != 4 || yd.size() != 4 || xd[0] != yd[0]) {
@@ -213,10 +253,12 @@ ffi::Error Conv(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi:
   if (auto err = SourceSigned(x, &src_signed); err.failure()) return err;
   const Layer g{kConv, xd[0], xd[1], xd[2], xd[3], yd[3], kh, kw, yd[1], yd[2],
                 stride, pad, groups, src_signed};
-  return Execute(g, x.untyped_data(), w.untyped_data(), w.size_bytes(), y->untyped_data());
+  return Execute(g, x.untyped_data(), w.untyped_data(), w.size_bytes(), layout,
+                 y->untyped_data());
 }
 
-ffi::Error Dense(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::S32> y) {
+ffi::Error Dense(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::S32> y,
+                 int64_t layout) {
   const auto xd = x.dimensions();
   const auto yd = y->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0]) {
@@ -225,7 +267,8 @@ ffi::Error Dense(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi
   int64_t src_signed;
   if (auto err = SourceSigned(x, &src_signed); err.failure()) return err;
   const Layer g{kDense, xd[0], 1, 1, xd[1], yd[1], 1, 1, 1, 1, 1, 0, 1, src_signed};
-  return Execute(g, x.untyped_data(), w.untyped_data(), w.size_bytes(), y->untyped_data());
+  return Execute(g, x.untyped_data(), w.untyped_data(), w.size_bytes(), layout,
+                 y->untyped_data());
 }
 
 Layer FromArray(const int64_t* v) {
@@ -244,29 +287,33 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(F8netInt8Conv, Conv,
                                   .Attr<int64_t>("pad")
                                   .Attr<int64_t>("groups")
                                   .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw"));
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("layout"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(F8netInt8Dense, Dense,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("layout"));
 
-// Packs the program's int8 weights of a layer (``layer``: the 14 fields of Layer, any
-// batch) into ``out`` (``size`` bytes). Returns the packed size (with out == nullptr, only
-// that), or -1 if oneDNN has no int8 primitive for this layer.
+// Packs the program's int8 weights of a layer (``layer``: the 14 fields of Layer) for the
+// primitive that runs it at its batch into ``out`` (``size`` bytes). Returns the packed
+// size (with out == nullptr, only that), or -1 if oneDNN has no exact int8 primitive for
+// this layer.
 extern "C" int64_t F8netInt8Pack(const int64_t* layer, const int8_t* weights, uint8_t* out,
                                  int64_t size) {
   try {
     const Layer g = FromArray(layer);
     if (!g.Valid()) return -1;
-    const memory::desc packed = PackedWeights(g);
-    const int64_t bytes = static_cast<int64_t>(packed.get_size());
+    const auto entry = Get(g);
+    if (!entry->exact) return -1;
+    const int64_t bytes = static_cast<int64_t>(entry->weights.get_size());
     if (out == nullptr) return bytes;
     if (size != bytes) return -1;
     dnnl::engine& e = Engine();
     dnnl::stream stream(e);
     memory user(g.UserWeights(), e, const_cast<int8_t*>(weights));
-    memory target(packed, e, out);
+    memory target(entry->weights, e, out);
     dnnl::reorder(user, target).execute(stream, user, target);
     stream.wait();
     return bytes;
@@ -275,16 +322,18 @@ extern "C" int64_t F8netInt8Pack(const int64_t* layer, const int8_t* weights, ui
   }
 }
 
-// The implementation oneDNN runs for a layer at its batch (e.g. 'brg_conv_fwd:avx512_core_amx'),
-// at most ``size`` bytes into ``out``; returns 0, or -1 on error.
-extern "C" int F8netInt8Impl(const int64_t* layer, char* out, int64_t size) {
+// The implementation oneDNN runs for a layer at its batch (e.g. 'brg:avx512_core_amx'), at
+// most ``size`` bytes into ``out``, and its weight layout's index into ``layout``. Returns
+// 1 with the implementation, 0 if none is exact (``out``: every one offered), -1 on error.
+extern "C" int F8netInt8Impl(const int64_t* layer, char* out, int64_t size,
+                             int64_t* layout) {
   try {
     const Layer g = FromArray(layer);
     if (!g.Valid()) return -1;
     const auto entry = Get(g);
-    snprintf(out, size, "%s (scratchpad %zu KiB)", entry->impl.c_str(),
-             entry->scratchpad.get_size() / 1024);
-    return 0;
+    snprintf(out, size, "%s", entry->impl.c_str());
+    *layout = entry->layout;
+    return entry->exact ? 1 : 0;
   } catch (const dnnl::error&) {
     return -1;
   }

@@ -163,7 +163,7 @@ def _weights(entry: dict, name: str, weight: np.ndarray, channels: int):
     return q_w, to_int32(b).astype(np.int64), w_fl, saturated
 
 
-def _xla_conv(op, x, w):
+def xla_conv(op, x, w):
     """int32 conv(x, w) of padded int8 x (no bias), by XLA's int8 convolution."""
     return jax.lax.conv_general_dilated(
         x, w, window_strides=(op["strides"],) * 2, padding="VALID",
@@ -203,7 +203,7 @@ class Conv(AccumulatingLayer):
         return tuple(window_output_size(d, k, op["strides"], op["padding"])
                      for d in sizes[op["in"][0]])
 
-    def run(self, op, args, run, convolve=_xla_conv):
+    def run(self, op, args, run, convolve=xla_conv):
         """Zero padding (the input code's zero point), ``convolve``, the bias."""
         x, w, b, c = self.layer_inputs(op, args, run)
         p = op["padding"]
