@@ -37,6 +37,7 @@ Where we choose differently from the official code, or where it has no single an
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -56,6 +57,28 @@ INPUT_KINDS = ("unsigned", "signed", "image")
 # The input side of a quantized layer: alpha, running format, quantization.
 
 
+def has_alpha(kind: str, owns_alpha: bool, quant: QuantConfig) -> bool:
+    """Whether a layer's input quantizer holds an alpha of its own (else it clips at its
+    chain's)."""
+    return (owns_alpha or not quant.share_alpha) and quant.clipping and kind != "image"
+
+
+def _activation_scale(alpha, fraclen, *, signed: bool, quant: QuantConfig):
+    if alpha is None or not quant.clipping:
+        return jnp.float32(1.0)
+    return folding.activation_scale(alpha, fraclen, signed=signed, bits=quant.bits)
+
+
+def input_scale(kind: str, alpha, running, quant: QuantConfig) -> jax.Array:
+    """The scale s in which a producer delivers the input of a layer of input ``kind`` that
+    clips at ``alpha`` (already resolved) and whose running format is ``running`` (the
+    'quant_stats' value before this step's update)."""
+    if not quant.fixed or kind == "image":
+        return jnp.float32(1.0)
+    fraclen = folding.running_fraclen(running, signed=kind == "signed", bits=quant.bits)
+    return _activation_scale(alpha, fraclen, signed=kind == "signed", quant=quant)
+
+
 class InputQuantizer(nn.Module):
     """The input of one quantized layer: its running format ('quant_stats'), the PACT
     clipping level alpha ('params', only in the layer that starts a chain) and the scale.
@@ -71,8 +94,7 @@ class InputQuantizer(nn.Module):
     def setup(self):
         _choice("input kind", self.kind, INPUT_KINDS)
         q = self.quant
-        self.has_alpha = ((self.owns_alpha or not q.share_alpha) and q.clipping
-                          and self.kind != "image")
+        self.has_alpha = has_alpha(self.kind, self.owns_alpha, q)
         if self.has_alpha:
             self.alpha = self.param("alpha", nn.initializers.constant(q.alpha_init), (),
                                     jnp.float32)
@@ -92,9 +114,7 @@ class InputQuantizer(nn.Module):
         return self.alpha if self.has_alpha else alpha
 
     def _scale(self, alpha, fraclen):
-        if alpha is None or not self.quant.clipping:
-            return jnp.float32(1.0)
-        return folding.activation_scale(alpha, fraclen, signed=self.signed, bits=self.quant.bits)
+        return _activation_scale(alpha, fraclen, signed=self.signed, quant=self.quant)
 
     def eval_fraclen(self) -> jax.Array:
         """The input format of eval and of every scale: clip(round(buf))."""
@@ -104,9 +124,8 @@ class InputQuantizer(nn.Module):
     def input_scale(self, alpha) -> jax.Array:
         """The scale in which a producer must deliver this layer's input (from the running
         format before this step's update)."""
-        if not self.quant.fixed or self.kind == "image":
-            return jnp.float32(1.0)
-        return self._scale(self.resolve(alpha), self.eval_fraclen())
+        running = self.fraclen.value if self.quant.fixed and self.kind != "image" else None
+        return input_scale(self.kind, self.resolve(alpha), running, self.quant)
 
     def _record(self, x, x_q) -> None:
         layer = recording.module_path(self, up=1)  # the layer it belongs to
@@ -175,6 +194,64 @@ def _mean_over_batch(y, axis_name):
     return mean if axis_name is None else jax.lax.pmean(mean, axis_name)
 
 
+def batch_norm_statistics(y, running, *, train: bool, axis_name, momentum: float):
+    """(mean, var, new running (mean, var) or None) of BatchNorm over y: the batch's (biased
+    variance) in training, whose running update uses the unbiased variance as PyTorch;
+    ``running`` (mean, var) in eval."""
+    if not train:
+        return running[0], running[1], None
+    mean = _mean_over_batch(y, axis_name)
+    var = _mean_over_batch(jnp.square(y - mean), axis_name)
+    devices = 1 if axis_name is None else jax.lax.psum(1, axis_name)
+    n = y.shape[0] * y.shape[1] * y.shape[2] * devices
+    unbiased = var * (n / max(n - 1, 1))
+    new = ((1 - momentum) * running[0] + momentum * jax.lax.stop_gradient(mean),
+           (1 - momentum) * running[1] + momentum * jax.lax.stop_gradient(unbiased))
+    return mean, var, new
+
+
+def conv_bn(module: nn.Module, x, *, quantizer: "InputQuantizer", kernel, gamma, beta, running,
+            quant: QuantConfig, strides: int, padding: int, groups: int, alpha, out_scale,
+            train: bool, momentum: float, eps: float):
+    """The computation of a quantized conv + BatchNorm (see QuantConvBN), shared by our
+    layer and by ``f8net_jax.quantize``: ``module`` is the one whose path names the layer
+    (its formats are sown there, its conv event names it). Returns (y, the new running
+    BatchNorm statistics or None)."""
+    q = quant
+    alpha = quantizer.resolve(alpha)
+    x_q, in_fraclen, in_scale = quantizer(x, alpha=alpha, train=train)
+    conv = lambda inputs, w, exact=False: ops.conv2d(
+        inputs, w, strides=strides, padding=padding, groups=groups, exact=exact,
+        compute=q.compute)
+    stats = functools.partial(batch_norm_statistics, running=running, train=train,
+                              axis_name=q.batch_axis_name, momentum=momentum)
+    if not q.fixed:
+        y = conv(x_q, kernel)
+        mean, var, new = stats(y)
+        return (y - mean) * (gamma / jnp.sqrt(var + eps)) + beta, new
+    if train:
+        mean, var, new = stats(conv(in_scale * x_q, kernel))
+    else:
+        (mean, var), new = running, None
+    w_f, b_f = folding.fold_conv_bn(kernel, gamma, beta, mean, var, eps=eps,
+                                    in_scale=in_scale, out_scale=out_scale)
+    axis = -1 if q.granularity == "channel" else None
+    w_fraclen = folding.choose_fraclen(w_f, q.format_rule, signed=True, bits=q.bits, axis=axis,
+                                       wide=q.wide_fraclen)
+    w_q = fp.quantize(w_f, w_fraclen, signed=True, bits=q.bits, axis=axis, wide=q.wide_fraclen)
+    if not train:
+        b_f = folding.round_bias(b_f, in_fraclen + w_fraclen)
+        module.sow("folded", "bias", b_f)  # eval: on the accumulator's grid
+    _sow_formats(module, in_fraclen, w_fraclen, alpha)
+    module.sow("folded", "weight", w_f)
+    # Exact: products of two 8-bit grids, sums below 2^24 in integer units.
+    y = conv(x_q, w_q, exact=True) + b_f
+    path = recording.module_path(module)
+    recording.emit("conv", [x_q], y, reader=path, layer=path, strides=strides,
+                   padding=padding, groups=groups)
+    return y, new
+
+
 class Reader:
     """The reader interface (see streams.scale_plan) of a module whose ``input`` is the
     InputQuantizer of the stream it reads."""
@@ -194,7 +271,8 @@ class QuantConvBN(Reader, nn.Module):
     pass computes conv(x_q, Q(W_f; fl_w)) + b_f with the folded W_f, b_f of
     ``folding.fold_conv_bn``. Gradients flow through both passes. Eval: running statistics,
     one pass, and the bias rounded to the accumulator format fl_in + fl_w (METHOD.md 8.3).
-    Float: conv, then BatchNorm, in one pass and real units.
+    Float: conv, then BatchNorm, in one pass and real units. The computation is
+    ``conv_bn``; this module holds its variables.
 
     Padding is symmetric, kernel_size // 2 (as in PyTorch); ``depthwise`` convs have one
     filter per channel (features == in_features).
@@ -224,56 +302,49 @@ class QuantConvBN(Reader, nn.Module):
         self.input = InputQuantizer(kind=self.input_kind, owns_alpha=self.owns_alpha,
                                     quant=self.quant)
 
-    def _conv(self, x, kernel, exact: bool = False):
-        return ops.conv2d(x, kernel, strides=self.strides, padding=self.kernel_size // 2,
-                           groups=self.features if self.depthwise else 1, exact=exact,
-                           compute=self.quant.compute)
-
-    def _batch_norm_statistics(self, y, train: bool):
-        if not train:
-            return self.mean.value, self.var.value
-        axis_name = self.quant.batch_axis_name
-        mean = _mean_over_batch(y, axis_name)
-        var = _mean_over_batch(jnp.square(y - mean), axis_name)
-        if not self.is_initializing():
-            devices = 1 if axis_name is None else jax.lax.psum(1, axis_name)
-            n = y.shape[0] * y.shape[1] * y.shape[2] * devices
-            m = self.quant.bn_momentum
-            unbiased = var * (n / max(n - 1, 1))
-            self.mean.value = (1 - m) * self.mean.value + m * jax.lax.stop_gradient(mean)
-            self.var.value = (1 - m) * self.var.value + m * jax.lax.stop_gradient(unbiased)
-        return mean, var
-
     def __call__(self, x, *, alpha=None, out_scale=1.0, train: bool = False):
         q = self.quant
-        alpha = self.input.resolve(alpha)
-        x_q, in_fraclen, in_scale = self.input(x, alpha=alpha, train=train)
-        if not q.fixed:
-            y = self._conv(x_q, self.kernel)
-            mean, var = self._batch_norm_statistics(y, train)
-            return (y - mean) * (self.scale / jnp.sqrt(var + q.bn_eps)) + self.bias
-        if train:
-            mean, var = self._batch_norm_statistics(self._conv(in_scale * x_q, self.kernel), train)
-        else:
-            mean, var = self.mean.value, self.var.value
-        w_f, b_f = folding.fold_conv_bn(self.kernel, self.scale, self.bias, mean, var,
-                                        eps=q.bn_eps, in_scale=in_scale, out_scale=out_scale)
-        axis = -1 if q.granularity == "channel" else None
-        w_fraclen = folding.choose_fraclen(w_f, q.format_rule, signed=True, bits=q.bits, axis=axis,
-                                           wide=q.wide_fraclen)
-        w_q = fp.quantize(w_f, w_fraclen, signed=True, bits=q.bits, axis=axis,
-                          wide=q.wide_fraclen)
-        if not train:
-            b_f = folding.round_bias(b_f, in_fraclen + w_fraclen)
-            self.sow("folded", "bias", b_f)  # eval: on the accumulator's grid
-        _sow_formats(self, in_fraclen, w_fraclen, alpha)
-        self.sow("folded", "weight", w_f)
-        # Exact: products of two 8-bit grids, sums below 2^24 in integer units.
-        y = self._conv(x_q, w_q, exact=True) + b_f
-        path = recording.module_path(self)
-        recording.emit("conv", [x_q], y, reader=path, layer=path, strides=self.strides,
-                       padding=self.kernel_size // 2, groups=self.features if self.depthwise else 1)
+        y, new = conv_bn(self, x, quantizer=self.input, kernel=self.kernel, gamma=self.scale,
+                         beta=self.bias, running=(self.mean.value, self.var.value), quant=q,
+                         strides=self.strides, padding=self.kernel_size // 2,
+                         groups=self.features if self.depthwise else 1, alpha=alpha,
+                         out_scale=out_scale, train=train, momentum=q.bn_momentum,
+                         eps=q.bn_eps)
+        if new is not None and not self.is_initializing():
+            self.mean.value, self.var.value = new
         return y
+
+
+def dense(module: nn.Module, x, *, quantizer: "InputQuantizer", kernel, bias,
+          quant: QuantConfig, alpha, input_factor, train: bool):
+    """The computation of the classifier (see QuantDense), shared by our layer and by
+    ``f8net_jax.quantize``; ``module`` names the layer."""
+    q = quant
+    features = kernel.shape[-1]
+    rescale = lambda w: (folding.classifier_weight_scale(w, features) if q.rescale_classifier
+                         else jnp.float32(1.0))
+    alpha = quantizer.resolve(alpha)
+    x_q, in_fraclen, in_scale = quantizer(x, alpha=alpha, train=train)
+    if not q.fixed:
+        return ops.matmul(input_factor * x_q, rescale(kernel) * kernel,
+                          compute=q.compute) + bias
+    w_fraclen = folding.choose_fraclen(kernel, q.format_rule, signed=True, bits=q.bits,
+                                       wide=q.wide_fraclen)
+    w_q = fp.quantize(kernel, w_fraclen, signed=True, bits=q.bits, wide=q.wide_fraclen)
+    ws = rescale(w_q)
+    _sow_formats(module, in_fraclen, w_fraclen, alpha)
+    module.sow("folded", "weight", kernel)
+    scale = in_scale * input_factor * ws  # one constant: logits = scale * (Q(x) @ Q(w))
+    product = ops.matmul(x_q, w_q, exact=True, compute=q.compute)
+    if train:
+        return scale * product + bias
+    bias = folding.round_bias(bias / scale, in_fraclen + w_fraclen)
+    module.sow("formats", "logit_scale", scale)  # eval logits * this = train units
+    module.sow("folded", "bias", bias)
+    y = product + bias
+    path = recording.module_path(module)
+    recording.emit("dense", [x_q], y, reader=path, layer=path)
+    return y
 
 
 class QuantDense(Reader, nn.Module):
@@ -285,7 +356,7 @@ class QuantDense(Reader, nn.Module):
     ``input_factor`` f is a positive constant the input is to be multiplied by (the integer
     average pool's leftover factor 2^n / (H*W), see ``streams.global_average_pool``); it
     joins the constant s * ws, so the quantized weight and its format do not see it.
-    Formats per layer only.
+    Formats per layer only. The computation is ``dense``.
     """
 
     in_features: int
@@ -306,35 +377,9 @@ class QuantDense(Reader, nn.Module):
         self.input = InputQuantizer(kind=self.input_kind, owns_alpha=self.owns_alpha,
                                     quant=self.quant)
 
-    def _rescale(self, kernel):
-        if not self.quant.rescale_classifier:
-            return jnp.float32(1.0)
-        return folding.classifier_weight_scale(kernel, self.features)
-
     def __call__(self, x, *, alpha=None, input_factor=1.0, train: bool = False):
-        q = self.quant
-        alpha = self.input.resolve(alpha)
-        x_q, in_fraclen, in_scale = self.input(x, alpha=alpha, train=train)
-        if not q.fixed:
-            return ops.matmul(input_factor * x_q, self._rescale(self.kernel) * self.kernel,
-                               compute=q.compute) + self.bias
-        w_fraclen = folding.choose_fraclen(self.kernel, q.format_rule, signed=True, bits=q.bits,
-                                           wide=q.wide_fraclen)
-        w_q = fp.quantize(self.kernel, w_fraclen, signed=True, bits=q.bits, wide=q.wide_fraclen)
-        ws = self._rescale(w_q)
-        _sow_formats(self, in_fraclen, w_fraclen, alpha)
-        self.sow("folded", "weight", self.kernel)
-        scale = in_scale * input_factor * ws  # one constant: logits = scale * (Q(x) @ Q(w))
-        product = ops.matmul(x_q, w_q, exact=True, compute=q.compute)
-        if train:
-            return scale * product + self.bias
-        bias = folding.round_bias(self.bias / scale, in_fraclen + w_fraclen)
-        self.sow("formats", "logit_scale", scale)  # eval logits * this = train units
-        self.sow("folded", "bias", bias)
-        y = product + bias
-        path = recording.module_path(self)
-        recording.emit("dense", [x_q], y, reader=path, layer=path)
-        return y
+        return dense(self, x, quantizer=self.input, kernel=self.kernel, bias=self.bias,
+                     quant=self.quant, alpha=alpha, input_factor=input_factor, train=train)
 
 
 def count_params(params) -> int:

@@ -65,6 +65,14 @@ def emit(kind: str, inputs, output, reader: str = "", **attrs) -> None:
         recorder.add(kind, inputs, output, reader or kind, **attrs)
 
 
+def alias(x, like) -> None:
+    """Records ``x`` as the tensor ``like`` already is (one value held by two arrays)."""
+    recorder = getattr(_state, "recorder", None)
+    if recorder is not None and id(like) in recorder._keys:
+        recorder._keys[id(x)] = recorder._keys[id(like)]
+        recorder._alive.append(x)
+
+
 def module_path(module, up: int = 0) -> str:
     """'stage1_block1/body_0': the names of a bound module's scope (less the last ``up``),
     as its collections are keyed."""

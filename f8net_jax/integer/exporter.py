@@ -204,10 +204,14 @@ def export(variables: Mapping[str, Any], model, config=None, *,
         raise ValueError(f"variables lack {missing}: a fixed-point model has params, "
                          f"batch_stats and quant_stats")
     params = variables["params"]
-    if "classifier" not in params or "bias" not in params["classifier"]:
-        raise ValueError("the variables have no classifier: export needs a model whose "
-                         "logits come from a QuantDense named 'classifier'")
-    num_classes = int(np.asarray(params["classifier"]["bias"]).shape[0])
+    # A quantized plain Flax model (f8net_jax.quantize) names its classifier itself.
+    classifier = getattr(model, "classifier_path", None)
+    if classifier is None:
+        classifier = "classifier"
+        if classifier not in params or "bias" not in params[classifier]:
+            raise ValueError("the variables have no classifier: export needs a model whose "
+                             "logits come from a QuantDense named 'classifier'")
+        num_classes = int(np.asarray(params[classifier]["bias"]).shape[0])
     width = float(_field(config, "width_multiplier", 1.0))
     if isinstance(model, str):
         model = models.create(name, num_classes=num_classes, quant=quant,
@@ -218,7 +222,7 @@ def export(variables: Mapping[str, Any], model, config=None, *,
         if size is None:
             raise ValueError("give image_shape or a config with image_size")
         channels = int(np.asarray(params["stem"]["kernel"]).shape[2]) if "stem" in params \
-            else None
+            else _field(config, "channels", None)
         image_shape = (int(size), int(size), channels)
     image_shape = tuple(int(d) for d in image_shape)
     if "stem" in params and len(image_shape) == 3 and \
@@ -229,6 +233,9 @@ def export(variables: Mapping[str, Any], model, config=None, *,
     if len(image_shape) != 3 or image_shape[0] % stride or image_shape[1] % stride:
         raise ValueError(f"image_shape {image_shape}: (height, width, channels) with height "
                          f"and width multiples of {stride} for {name}")
+    if classifier != "classifier":
+        bias = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+        num_classes = int(np.shape(bias[f"{classifier(image_shape)}/bias"])[0])
     mismatch = _mismatch(model, variables, image_shape)
     if mismatch:
         raise ValueError(f"the variables are not those of a {name} ({mismatch})")
