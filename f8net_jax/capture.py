@@ -8,7 +8,9 @@ model's own jax operations. ``capture`` reads them back as a small graph of ``No
 the image, the outputs of nn.Conv / nn.BatchNorm / nn.Dense calls, and the ops F8Net's
 integer program has between its layers (relu, add, max pool, global average pool); any
 other op that a layer's input depends on is a 'refused' node, reported by
-``f8net_jax.plan`` with the module it sits in.
+``f8net_jax.plan`` with the module it sits in. Traced on uint8 pixels, the elementwise
+arithmetic the model itself applies to them (its own normalization) is a chain of
+'pixels' nodes: the integer program reads it as a per-channel table of the 256 values.
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "custom_jvp_call": "call_jaxpr",
           "custom_vjp_call": "call_jaxpr", "closed_call": "call_jaxpr", "remat": "jaxpr",
           "checkpoint": "jaxpr"}
 _TRANSPARENT = ("copy", "copy_p", "stop_gradient", "optimization_barrier")
+# Elementwise arithmetic a model may apply to its uint8 pixels before its first conv.
+_PIXEL_OPS = ("convert_element_type", "add", "sub", "mul", "div", "neg", "max", "min")
 
 
 @dataclasses.dataclass(eq=False)
 class Node:
-    """A value of the forward: op 'image', 'call' (attrs['call'] the Call), 'relu', 'add',
-    'max_pool', 'avg_pool', 'sum' (a spatial sum not yet divided) or 'refused'
-    (attrs['op'] names it); ``where``: the path of the module whose code computes it."""
+    """A value of the forward: op 'image', 'pixels' (elementwise arithmetic on uint8 pixels,
+    attrs['op'] names it), 'call' (attrs['call'] the Call), 'relu', 'add', 'max_pool',
+    'avg_pool', 'sum' (a spatial sum not yet divided) or 'refused' (attrs['op'] names it);
+    ``where``: the path of the module whose code computes it."""
 
     op: str
     inputs: tuple = ()
@@ -96,7 +101,7 @@ def _bn_train(module, kwargs) -> bool:
     return not use_running
 
 
-def _trace(module, x_shape, args, kwargs):
+def _trace(module, x_shape, args, kwargs, dtype):
     """The jaxpr of the float forward with every module call marked, and the calls."""
     calls: list = []
 
@@ -121,7 +126,7 @@ def _trace(module, x_shape, args, kwargs):
             out, _ = module.init_with_output(jax.random.PRNGKey(0), x, *args, **kwargs)
         return jax.tree_util.tree_leaves(out)[0]
 
-    closed = jax.make_jaxpr(forward)(jax.ShapeDtypeStruct(x_shape, jnp.float32))
+    closed = jax.make_jaxpr(forward)(jax.ShapeDtypeStruct(x_shape, dtype))
     return closed, calls
 
 
@@ -137,8 +142,9 @@ class _Reader:
     """Reads a jaxpr into nodes: a value that depends on the image is a Node, one that does
     not (parameters, constants) is None."""
 
-    def __init__(self, calls):
+    def __init__(self, calls, pixels: bool = False):
         self.calls = calls
+        self.pixels = pixels  # the image is uint8 pixels
         self.container_outputs: dict = {}
 
     def read(self, jaxpr, inputs, where_prefix=""):
@@ -150,7 +156,9 @@ class _Reader:
                 outs = [None] * len(eqn.outvars)
             else:
                 where = str(eqn.source_info.name_stack)
-                where = "/".join(where.split("/")[1:]) if where else ""
+                where = "/".join(where.split("/")[1 - bool(where_prefix):]) if where else ""
+                if where_prefix:  # inside an inlined call: its name stack is relative
+                    where = f"{where_prefix}/{where}" if where else where_prefix
                 outs = self.eqn(eqn, ins, where)
             env.update(zip(eqn.outvars, outs))
         return [value(v) for v in jaxpr.outvars]
@@ -163,10 +171,16 @@ class _Reader:
         if name in _CALLS and _CALLS[name] in p:
             inner = p[_CALLS[name]]
             inner = getattr(inner, "jaxpr", inner)
-            return self.read(inner, ins)
+            return self.read(inner, ins, where)
         refused = lambda op: [Node("refused", tuple(n for n in ins if n is not None),
                                    {"op": op}, where, shape)] * len(eqn.outvars)
         x = ins[0]
+        dependent = [n for n in ins if n is not None]
+        if self.pixels and name in _PIXEL_OPS and len(dependent) == 1 and \
+                dependent[0].op in ("image", "pixels") and not (
+                    name == "convert_element_type" and dependent[0].op == "image"
+                    and p.get("new_dtype") == jnp.float32):
+            return [Node("pixels", (dependent[0],), {"op": name}, where, shape)]
         if name in _TRANSPARENT or (name == "convert_element_type"
                                      and p.get("new_dtype") == jnp.float32):
             return [x] if len(eqn.outvars) == 1 else refused(name)
@@ -228,12 +242,14 @@ class _Reader:
         return call.output
 
 
-def capture(module, x_shape: tuple, args: tuple = (), kwargs: Optional[dict] = None) -> Graph:
-    """The graph of ``module``'s float forward on a float32 input of ``x_shape`` (called
-    with ``args`` and ``kwargs`` after it)."""
-    closed, calls = _trace(module, tuple(x_shape), tuple(args), dict(kwargs or {}))
-    image = Node("image", (), {}, "", tuple(x_shape))
-    reader = _Reader(calls)
+def capture(module, x_shape: tuple, args: tuple = (), kwargs: Optional[dict] = None,
+            dtype=jnp.float32) -> Graph:
+    """The graph of ``module``'s float forward on an input of ``x_shape`` and ``dtype``
+    (float32, or uint8 pixels), called with ``args`` and ``kwargs`` after it."""
+    dtype = jnp.dtype(dtype)
+    closed, calls = _trace(module, tuple(x_shape), tuple(args), dict(kwargs or {}), dtype)
+    image = Node("image", (), {"dtype": dtype.name}, "", tuple(x_shape))
+    reader = _Reader(calls, pixels=dtype == jnp.uint8)
     (output,) = reader.read(closed.jaxpr, [image])
     return Graph(calls, output, image, reader.container_outputs)
 

@@ -292,11 +292,17 @@ def load_workdir(workdir: str, step: Optional[int] = None):
             raise FileNotFoundError(f"{workdir} holds no checkpoint")
     else:
         restored = restore(workdir, step)
-    num_classes = int(np.asarray(restored["params"]["classifier"]["bias"]).shape[0])
-    model = models.create(config.model, num_classes=num_classes,
-                          quant=QuantConfig.from_config(config.quant),
-                          width_multiplier=config.get("width_multiplier", 1.0))
     variables = {k: restored[k] for k in ("params", "batch_stats", "quant_stats")
                  if k in restored}
+    quant = QuantConfig.from_config(config.quant)
+    if models.is_user_model(config.model):
+        from f8net_jax.models import user
+        model, _, channels = user.rebuild(
+            config.model, restored["params"], quant=quant, image_size=config.image_size,
+            num_classes=config.get("num_classes", 10), channels=config.get("channels", 3))
+        return model, variables, config, (config.image_size, config.image_size, channels)
+    num_classes = int(np.asarray(restored["params"]["classifier"]["bias"]).shape[0])
+    model = models.create(config.model, num_classes=num_classes, quant=quant,
+                          width_multiplier=config.get("width_multiplier", 1.0))
     channels = np.asarray(restored["params"]["stem"]["kernel"]).shape[2]
     return model, variables, config, (config.image_size, config.image_size, channels)

@@ -100,10 +100,11 @@ def main(argv):
                  jax.process_count(), jax.local_devices())
     try:
         train.train_and_evaluate(config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
-        sys.exit(f"f8net_jax: {e}")
-    except jax.errors.JaxRuntimeError as e:
-        if jax.process_count() == 1:
+    except Exception as e:
+        if not (jax.process_count() > 1 and runtime.lost_contact(e)):
+            if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError,
+                              FloatingPointError)):
+                sys.exit(f"f8net_jax: {e}")
             raise
         # A collective failed: another process has died. Say so and leave at once; the
         # usual exit would wait for that process at JAX's shutdown barrier, then abort.

@@ -45,6 +45,7 @@ class Layer:
     alpha_owner: Optional["Layer"] = None  # whose alpha it clips at (itself or its chain's)
     consumer: Optional["Layer"] = None     # whose units its output is delivered in
     shortcut: bool = False
+    fused_relu: bool = False  # its input is a ReLU inside its own module: its quantizer's
     strides: int = 1
     padding: int = 0
     groups: int = 1
@@ -63,6 +64,7 @@ class Plan:
     refcount: dict        # id(node) -> number of nodes and layers reading it
     add_names: dict       # id(node) -> path of the module whose output it is
     image: Node
+    normalizes: bool = False  # the first conv reads the model's own arithmetic on pixels
 
     @property
     def classifier(self) -> Layer:
@@ -192,6 +194,10 @@ def _check_reachable(graph: Graph, layers: list) -> dict:
             raise Refused(f"{_where(node)} computes {_op_name(node)!r} between quantized "
                           f"layers: F8Net's integer program has only ReLU, residual adds, "
                           f"max pooling and a global average pool over 2^n values there")
+        if node.op != "pixels" and any(child.op == "pixels" for child in node.inputs):
+            raise Refused(f"{_where(node)} computes {_op_name(node)!r} on the model's own "
+                          f"normalization of the pixels: it must go straight into the "
+                          f"first convolution")
         if node.op == "sum":
             raise Refused(f"{_where(node)}: a spatial sum that is not a mean")
         if node.op == "avg_pool" and not is_power_of_two(node.attrs["window"]):
@@ -223,12 +229,41 @@ def _nonnegative(node: Node) -> bool:
     return False
 
 
+def _parent(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+def _fused_relu(layer: Layer, refcount: dict) -> bool:
+    """Whether the ReLU ``layer`` reads is its input quantizer's own (as inside our blocks,
+    where a layer's unsigned quantizer is the ReLU after the previous layer and takes its
+    format statistic before rectification, METHOD.md 5): a ReLU of a BatchNorm's output
+    that only this layer reads, computed in the module holding both. A ReLU between
+    modules (after a stem, at the end of a block) is an op of the stream, as ours."""
+    node = layer.input
+    if layer.is_classifier or node.op != "relu" or refcount.get(id(node)) != 1:
+        return False
+    src = node.inputs[0]
+    if src.op != "call" or src.attrs["call"].kind != "bn":
+        return False
+    module = _parent(layer.name)
+    return node.where == module and _parent(src.attrs["call"].path) == module
+
+
 def _input_kind(layer: Layer, quant: QuantConfig) -> str:
     node = layer.input
     if node.op == "image":
         if layer.is_classifier:
             raise Refused(f"nn.Dense '{layer.name}' reads the image: F8Net needs a conv first")
         return "signed" if quant.normalized_input else "image"
+    if node.op == "pixels":
+        if layer.is_classifier:
+            raise Refused(f"nn.Dense '{layer.name}' reads the pixels: F8Net needs a conv first")
+        if quant.normalized_input:
+            raise Refused(f"the model normalizes its pixels itself (computing "
+                          f"{node.attrs['op']!r} in {_where(node)}) and quant.normalized_input "
+                          f"is set: leave it False, the program reads the model's own "
+                          f"normalization as a table")
+        return "signed"
     return "unsigned" if _nonnegative(node) else "signed"
 
 
@@ -349,9 +384,16 @@ def make_plan(graph: Graph, quant: QuantConfig) -> Plan:
     for layer in layers:
         layer.kind = _input_kind(layer, quant)
         layer.shortcut = layer.output is not None and id(layer.output) in add_of
+        layer.fused_relu = _fused_relu(layer, refcount)
     _assign_alphas(layers, nodes, quant, order)
     _assign_consumers(layers, nodes, order)
     by_path = {layer.name: layer for layer in layers}
     by_path.update({layer.bn.path: layer for layer in layers if layer.bn is not None})
+    on_pixels = [layer for layer in layers if layer.input.op in ("image", "pixels")]
+    normalizes = any(layer.input.op == "pixels" for layer in on_pixels)
+    if normalizes and len(on_pixels) > 1:
+        raise Refused(f"{len(on_pixels)} convolutions read the model's normalization of the "
+                      f"pixels ({', '.join(repr(l.name) for l in on_pixels)}): the integer "
+                      f"program reads it through one table, in one layer's input format")
     return Plan(layers, by_path, bool(modes.pop()) if modes else False, refcount,
-                dict(graph.container_outputs), graph.image)
+                dict(graph.container_outputs), graph.image, normalizes)

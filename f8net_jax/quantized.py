@@ -33,6 +33,7 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from f8net_jax import layers, recording
 from f8net_jax.capture import capture
@@ -49,20 +50,62 @@ class _Held:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_plan(held: _Held, x_shape: tuple, args: tuple, kwargs: tuple, quant) -> Plan:
-    return make_plan(capture(held.module, x_shape, args, dict(kwargs)), quant)
+def _cached_plan(held: _Held, x_shape: tuple, args: tuple, kwargs: tuple, quant,
+                 dtype: str) -> Plan:
+    return make_plan(capture(held.module, x_shape, args, dict(kwargs), dtype), quant)
 
 
 def plan_of(module, x_shape: tuple, args: tuple = (), kwargs=None,
-            quant: QuantConfig = QuantConfig()) -> Plan:
-    """The plan of ``module`` (unbound) on float input of ``x_shape`` (cached when the
-    arguments are hashable)."""
+            quant: QuantConfig = QuantConfig(), dtype: str = "float32") -> Plan:
+    """The plan of ``module`` (unbound) on input of ``x_shape`` and ``dtype`` (float32,
+    or uint8 pixels), cached when the arguments are hashable."""
     held, items = _Held(module), tuple(sorted((kwargs or {}).items()))
     try:
         hash((held, args, items))
     except TypeError:
-        return make_plan(capture(module, x_shape, args, dict(items)), quant)
-    return _cached_plan(held, tuple(x_shape), tuple(args), items, quant)
+        return make_plan(capture(module, x_shape, args, dict(items), dtype), quant)
+    return _cached_plan(held, tuple(x_shape), tuple(args), items, quant, dtype)
+
+
+class _Stop(Exception):
+    """Ends a forward at its first convolution, holding that convolution's input."""
+
+
+def pixel_values(module, stem: str, image_shape: tuple, args: tuple, kwargs: dict,
+                 variables, pixels) -> np.ndarray:
+    """What ``module``'s own code computes from uint8 ``pixels`` [..., 256, channels] before
+    its first convolution (path ``stem``): one probe forward on images of
+    ``image_shape`` in which every pixel value 0..255 appears at several positions, each
+    value's results checked equal wherever it appears (the arithmetic must be elementwise
+    and per channel, as a table of the integer program is)."""
+    h, w, channels = image_shape
+    count = -(-512 // (h * w))
+    # 0..255, then 255..0 (each value twice, at different positions), then 0, 1, ...
+    flat = np.concatenate([np.arange(256), np.arange(255, -1, -1),
+                           np.arange(count * h * w - 512) % 256])
+    probe = np.broadcast_to(flat.reshape(count, h, w, 1), (count, h, w, channels))
+    probe = np.ascontiguousarray(probe, np.uint8)
+
+    def stop(next_fun, call_args, call_kwargs, context):
+        if context.method_name == "__call__" and \
+                "/".join(str(p) for p in context.module.scope.path) == stem:
+            raise _Stop(call_args[0])
+        return next_fun(*call_args, **call_kwargs)
+
+    try:
+        with nn.intercept_methods(stop):
+            module.apply(variables, probe, *args, **kwargs)
+    except _Stop as held:
+        value = np.asarray(held.args[0], np.float32).reshape(-1, channels)
+    else:
+        raise RuntimeError(f"the probe forward never reached the convolution {stem!r}")
+    table = value[:256]
+    if not np.array_equal(value, table[flat]):
+        raise ValueError(f"the model's own arithmetic on its pixels before nn.Conv "
+                         f"{stem!r} depends on where a pixel is, not only on its value "
+                         f"and channel: the integer program reads it as a table per "
+                         f"channel")
+    return table[np.asarray(pixels, np.int64), np.arange(channels)]
 
 
 class _Placeholder:
@@ -80,6 +123,8 @@ class _Forward:
         self.flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
         self.keys = {id(plan.image): image}
         self.updates: dict = {}
+        self.scales: dict = {}   # id(layer) -> its input scale, computed once
+        self.started: set = set()
 
     def value(self, collection: str, path: str, default):
         return self.flat.get(f"{collection}/{path}", default)
@@ -95,8 +140,33 @@ class _Forward:
         """The alpha a layer is handed (its chain's), as scale_plan hands it."""
         return self.own_alpha(layer.alpha_owner)
 
+    def start(self, layer: Layer) -> None:
+        """Computes the scales in the order our models' scale plans do (the gradient of an
+        alpha sums its uses in that order): at the first layer, those of the top-level
+        readers (the first layer of each module, every layer of the top module); at the
+        first layer of a module, those of its other layers."""
+        group = layer.name.rpartition("/")[0]
+        if not self.started:
+            seen = set()
+            for other in self.plan.layers:
+                parent = other.name.rpartition("/")[0]
+                if parent == "" or parent not in seen:
+                    self.scale_of(other)
+                seen.add(parent)
+        if group not in self.started:
+            self.started.add(group)
+            for other in self.plan.layers:
+                if other.name.rpartition("/")[0] == group:
+                    self.scale_of(other)
+
     def scale_of(self, layer: Layer):
         """The scale in which ``layer``'s producers deliver its input."""
+        known = self.scales.get(id(layer))
+        if known is None:
+            known = self.scales[id(layer)] = self._scale(layer)
+        return known
+
+    def _scale(self, layer: Layer):
         alpha = self.own_alpha(layer)
         alpha = self.chain_alpha(layer) if alpha is None else alpha
         running = self.value("quant_stats", f"{layer.name}/input/fraclen",
@@ -107,6 +177,8 @@ class _Forward:
     def key(self, node, final=None):
         """The record's name of ``node`` (``final``: the array that holds it), its op and
         those it reads recorded first."""
+        if node.op == "pixels":  # the model's own normalization: the image's table
+            return self.key(node.inputs[0], final)
         known = self.keys.get(id(node))
         if known is not None:
             if final is not None and final is not known:
@@ -142,7 +214,14 @@ class _Forward:
         x = args[0]
         if self.initializing:
             next_fun(*args, **kwargs)  # the user's variables, as the module makes them
-        self.key(layer.input, final=x)
+        self.start(layer)
+        if layer.fused_relu and id(layer.input.inputs[0]) in self.keys:
+            # The quantizer is the ReLU: it reads the BatchNorm's output (the statistic
+            # before rectification, as our blocks); the user's ReLU goes unused.
+            x = self.keys[id(layer.input.inputs[0])]
+            self.key(layer.input.inputs[0], final=x)
+        else:
+            self.key(layer.input, final=x)
         quantizer = layers.InputQuantizer(kind=layer.kind, owns_alpha=layer.owns_alpha,
                                           quant=self.quant, name="input")
         get = lambda col, name, default: self.value(col, f"{layer.name}/{name}", default) \
@@ -197,18 +276,46 @@ class Quantized(nn.Module):
         nn.share_scope(self, self.module)
 
     def plan(self, x_shape: tuple, *args, **kwargs) -> Plan:
+        """The plan on uint8 pixels of ``x_shape`` (the images the integer program takes):
+        traced on the pixels where the model normalizes them itself, else on the float
+        image it is handed."""
+        pixels = plan_of(self.original.module, tuple(x_shape), args, kwargs, self.quant,
+                         dtype="uint8")
+        if pixels.normalizes:
+            return pixels
         return plan_of(self.original.module, tuple(x_shape), args, kwargs, self.quant)
+
+    @property
+    def model_name(self) -> str:
+        return type(self.original.module).__name__
 
     def classifier_path(self, image_shape: tuple) -> str:
         """The path of the classifier (its nn.Dense) on images of ``image_shape``."""
         return self.plan((1, *image_shape), train=False).classifier.name
 
     def __call__(self, x, *args, **kwargs):
-        x = prepare_image(x, total_stride=1, model=type(self.original.module).__name__,
-                          normalize=self.quant.normalized_input)
-        plan = self.plan(x.shape, *args, **kwargs)
+        name = type(self.original.module).__name__
+        plan = None
+        if getattr(x, "dtype", None) == jnp.uint8 and getattr(x, "ndim", 0) == 4:
+            plan = self.plan(x.shape, *args, **kwargs)
+        if plan is not None and plan.normalizes:
+            # The model normalizes its pixels itself: it gets them as they are, and the
+            # program reads its normalization as a table (the 'image' event's ``normalize``
+            # computes it from the variables, see pixel_values).
+            image = _Placeholder()
+            stem = next(layer.name for layer in plan.layers
+                        if layer.input.op == "pixels")
+            recording.emit("image", [], image, normalized=True, channels=int(x.shape[-1]),
+                           normalize=functools.partial(
+                               pixel_values, self.original.module, stem,
+                               tuple(x.shape[1:]), args, dict(kwargs)))
+        else:
+            x = prepare_image(x, total_stride=1, model=name,
+                              normalize=self.quant.normalized_input)
+            plan = plan_of(self.original.module, tuple(x.shape), args, kwargs, self.quant)
+            image = x
         variables = {} if self.is_initializing() else self.variables
-        forward = _Forward(plan, self.quant, variables, x, self.is_initializing())
+        forward = _Forward(plan, self.quant, variables, image, self.is_initializing())
         with nn.intercept_methods(forward.intercept):
             return self.module(x, *args, **kwargs)
 

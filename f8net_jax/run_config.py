@@ -65,9 +65,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                              f" ({allowed}), got {value!r}")
         if not math.isfinite(value) or not ok(value):
             raise ValueError(f"config.{field} must be {allowed}, got {value!r}")
-    if config.model not in models.MODEL_NAMES:
-        raise ValueError(f"config.model must be one of {list(models.MODEL_NAMES)}, "
-                         f"got {config.model!r}")
+    if models.is_user_model(config.model):
+        from f8net_jax.models import user
+        user.factory(config.model)  # importable and callable, else the error names the field
+        if config.width_multiplier != 1.0:
+            raise ValueError(f"config.width_multiplier applies to the MobileNets only, not "
+                             f"{config.model!r}")
+    elif config.model not in models.MODEL_NAMES:
+        raise ValueError(f"config.model must be one of {list(models.MODEL_NAMES)} or a user "
+                         f"model 'package.module:factory', got {config.model!r}")
     for field, allowed in (("optimizer", OPTIMIZERS), ("weight_decay_scheme", WEIGHT_DECAY_SCHEMES),
                            ("lr_schedule", LR_SCHEDULES)):
         if config[field] not in allowed:

@@ -39,3 +39,23 @@ def configure_cpu_devices(environ=os.environ):
     if extra:
         environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
     return extra
+
+
+# What a collective says when the process it waits for has died (Gloo on CPU, the
+# coordination service elsewhere); JAX raises some of these as ValueError.
+_LOST_CONTACT = ("gloo", "connection reset", "connection refused", "coordination",
+                 "heartbeat", "barrier", "socket closed", "broken pipe")
+
+
+def lost_contact(error: BaseException) -> bool:
+    """Whether ``error`` (or what it came from) is a failed collective."""
+    import jax
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, jax.errors.JaxRuntimeError) or any(
+                word in str(error).lower() for word in _LOST_CONTACT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

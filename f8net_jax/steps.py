@@ -169,7 +169,9 @@ def eval_step(state: TrainState, batch, *, model):
     logits, sown = model.apply(variables, batch["image"], train=False, mutable=["formats"])
     # Fixed-point eval logits are in the classifier's accumulator units; the loss is taken
     # on logits in training units (the argmax, hence the accuracy, is the same).
-    scale = sown.get("formats", {}).get("classifier", {}).get("logit_scale", (1.0,))[0]
+    # (The classifier of a quantized plain Flax model has the user's name.)
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(sown.get("formats", {})))
+    scale = next((v for k, v in flat.items() if k[-1] == "logit_scale"), (1.0,))[0]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits * scale, batch["label"])
     return _metrics(logits, batch, losses)
 

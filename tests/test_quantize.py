@@ -4,6 +4,9 @@ logits, gradients, formats after training steps, the integer program; what F8Net
 express is refused at init, naming the module and the op."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import flax
 import flax.linen as nn
@@ -17,48 +20,14 @@ from f8net_jax import integer, models
 from f8net_jax.integer.verification import verify
 from f8net_jax.plan import Refused
 from f8net_jax.quant_config import QuantConfig
+from plain_models import PlainMobileNetV2, PlainResNet20
 
 SIZE, BATCH, CLASSES = 8, 4, 10
-
-
-class PlainBlock(nn.Module):
-    features: int
-    strides: int = 1
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                               epsilon=1e-5)
-        conv = functools.partial(nn.Conv, use_bias=False)
-        y = conv(self.features, (3, 3), self.strides, padding=1, name="conv1")(x)
-        y = nn.relu(bn(name="bn1")(y))
-        y = bn(name="bn2")(conv(self.features, (3, 3), padding=1, name="conv2")(y))
-        if self.strides != 1 or x.shape[-1] != self.features:
-            x = conv(self.features, (1, 1), self.strides, padding=0, name="shortcut")(x)
-            x = bn(name="shortcut_bn")(x)
-        return nn.relu(y + x)
-
-
-class PlainResNet20(nn.Module):
-    """CIFAR ResNet-20 as a Flax user writes it: no F8Net in sight."""
-
-    num_classes: int = CLASSES
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Conv(16, (3, 3), padding=1, use_bias=False, name="stem")(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                 name="stem_bn")(x))
-        for i, width in enumerate((16, 32, 64)):
-            for j in range(3):
-                x = PlainBlock(width, 2 if i > 0 and j == 0 else 1,
-                               name=f"stage{i + 1}_block{j + 1}")(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, name="head")(x)
+SIZES = {"resnet20": 8, "mobilenet_v2": 32}
 
 
 # Our layer -> (the plain model's conv or dense, its BatchNorm).
-def _layer_names():
+def _resnet20_layers():
     names = {"stem": ("stem", "stem_bn"), "classifier": ("head", None)}
     for i in range(3):
         for j in range(3):
@@ -70,19 +39,38 @@ def _layer_names():
     return names
 
 
-LAYERS = _layer_names()
+def _mobilenet_v2_layers():
+    names = {"stem": ("stem", "stem_bn"), "tail": ("tail", "tail_bn"),
+             "classifier": ("head", None)}
+    index = 0
+    for t, _, n, _ in PlainMobileNetV2.SETTING:
+        for _ in range(n):
+            index += 1
+            for i in range(3 if t != 1 else 2):
+                names[f"block{index}/layers_{i}"] = (f"block{index}/conv{i}",
+                                                     f"block{index}/bn{i}")
+    return names
 
 
-def to_plain(tree: dict) -> dict:
+MODELS = {  # ours, its plain Flax twin, the name map
+    "resnet20": (dict(), lambda: PlainResNet20(num_classes=CLASSES), _resnet20_layers()),
+    "mobilenet_v2": (dict(width_multiplier=0.25),
+                     lambda: PlainMobileNetV2(num_classes=CLASSES, width=0.25),
+                     _mobilenet_v2_layers()),
+}
+LAYERS = MODELS["resnet20"][2]
+
+
+def to_plain(tree: dict, layers=LAYERS) -> dict:
     """Our variables (any collections) under the plain model's names."""
     out = {}
     for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items():
         collection, *inner = path
         for depth in (2, 1):
             ours = "/".join(inner[:depth])
-            if ours in LAYERS:
+            if ours in layers:
                 rest = inner[depth:]
-                conv, bn = LAYERS[ours]
+                conv, bn = layers[ours]
                 owner = bn if rest[0] in ("scale", "bias", "mean", "var") and bn else conv
                 out[(collection, *owner.split("/"), *rest)] = value
                 break
@@ -91,9 +79,9 @@ def to_plain(tree: dict) -> dict:
     return flax.traverse_util.unflatten_dict(out)
 
 
-def from_plain(tree: dict) -> dict:
+def from_plain(tree: dict, layers=LAYERS) -> dict:
     back = {}
-    for ours, (conv, bn) in LAYERS.items():
+    for ours, (conv, bn) in layers.items():
         back[conv] = ours
         if bn:
             back[bn] = ours
@@ -117,35 +105,47 @@ def _assert_same_tree(a, b):
         np.testing.assert_array_equal(np.asarray(fa[key]), np.asarray(fb[key]), err_msg=key)
 
 
-def _images(seed=0, n=BATCH):
-    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+def _images(seed=0, n=BATCH, size=SIZE):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def _pair(quant):
-    ours = models.create("resnet20", num_classes=CLASSES, quant=quant)
-    plain = f8net_jax.quantize(PlainResNet20(), quant=quant)
-    variables = jax.jit(lambda x: ours.init(jax.random.PRNGKey(1), x))(_images())
+def _pair(quant, name="resnet20"):
+    kwargs, make_plain, _ = MODELS[name]
+    ours = models.create(name, num_classes=CLASSES, quant=quant, **kwargs)
+    plain = f8net_jax.quantize(make_plain(), quant=quant)
+    variables = jax.jit(lambda x: ours.init(jax.random.PRNGKey(1), x))(
+        _images(size=SIZES[name]))
     variables = {c: variables[c] for c in ("params", "batch_stats", "quant_stats")
                  if c in variables}
     return ours, plain, variables
 
 
 QUANTS = [QuantConfig(), QuantConfig(mode="float"), QuantConfig(mode="float", clipping=False)]
+# (model, quant): ResNet-20 in every mode here, MobileNet V2 in fixed point here and in
+# the float modes in the slow suite.
+CASES = [pytest.param("resnet20", q, id=f"resnet20-{i}")
+         for q, i in zip(QUANTS, ("fixed", "float", "float-noclip"))] + [
+    pytest.param("mobilenet_v2", QUANTS[0], id="mobilenet_v2-fixed"),
+    pytest.param("mobilenet_v2", QUANTS[1], id="mobilenet_v2-float", marks=pytest.mark.slow),
+    pytest.param("mobilenet_v2", QUANTS[2], id="mobilenet_v2-float-noclip",
+                 marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("quant", QUANTS[:2], ids=["fixed", "float"])
-def test_plain_resnet20_has_our_variables_under_its_own_names(quant):
-    ours, plain, variables = _pair(quant)
-    theirs = jax.eval_shape(lambda x: plain.init(jax.random.PRNGKey(0), x), _images())
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_plain_models_have_our_variables_under_their_own_names(name):
+    ours, plain, variables = _pair(QUANTS[0], name)
+    images = _images(size=SIZES[name])
+    theirs = jax.eval_shape(lambda x: plain.init(jax.random.PRNGKey(0), x), images)
     theirs = {c: theirs[c] for c in variables}
-    assert jax.tree_util.tree_map(np.shape, to_plain(variables)) == \
+    assert jax.tree_util.tree_map(np.shape, to_plain(variables, MODELS[name][2])) == \
         jax.tree_util.tree_map(lambda a: a.shape, theirs)
 
 
-@pytest.mark.parametrize("quant", QUANTS, ids=["fixed", "float", "float-noclip"])
-def test_logits_gradients_and_state_updates_are_ours_bit_for_bit(quant):
-    ours, plain, variables = _pair(quant)
-    images, labels = _images(3), np.arange(BATCH) % CLASSES
+@pytest.mark.parametrize("name, quant", CASES)
+def test_logits_gradients_and_state_updates_are_ours_bit_for_bit(name, quant):
+    ours, plain, variables = _pair(quant, name)
+    layers = MODELS[name][2]
+    images, labels = _images(3, size=SIZES[name]), np.arange(BATCH) % CLASSES
 
     def step(model, variables):
         def loss(params):
@@ -157,17 +157,17 @@ def test_logits_gradients_and_state_updates_are_ours_bit_for_bit(quant):
         return logits, grads, new, model.apply(variables, images, train=False)
 
     mine = jax.jit(functools.partial(step, ours))(variables)
-    theirs = jax.jit(functools.partial(step, plain))(to_plain(variables))
-    for name, a, b in zip(("train logits", "grads", "updates", "eval logits"), mine, theirs):
-        if name == "grads":
-            _assert_same_tree({"params": a}, from_plain({"params": b}))
+    theirs = jax.jit(functools.partial(step, plain))(to_plain(variables, layers))
+    for what, a, b in zip(("train logits", "grads", "updates", "eval logits"), mine, theirs):
+        if what == "grads":
+            _assert_same_tree({"params": a}, from_plain({"params": b}, layers))
         elif isinstance(a, dict):
-            _assert_same_tree(a, from_plain(b))
+            _assert_same_tree(a, from_plain(b, layers))
         else:
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=what)
 
 
-def _train(model, variables, steps=3, lr=0.05):
+def _train(model, variables, steps=3, lr=0.05, size=SIZE):
     @jax.jit
     def step(variables, images, labels):
         def loss(params):
@@ -179,7 +179,7 @@ def _train(model, variables, steps=3, lr=0.05):
         return {"params": params, **new}
 
     for i in range(steps):
-        variables = step(variables, _images(10 + i), np.arange(BATCH) % CLASSES)
+        variables = step(variables, _images(10 + i, size=size), np.arange(BATCH) % CLASSES)
     return variables
 
 
@@ -200,18 +200,20 @@ def _program_names(program, rename):
                                                     for k, a in program.arrays.items()}
 
 
-def test_formats_after_training_and_the_integer_program_are_ours():
-    quant = QuantConfig()
-    ours, plain, variables = _pair(quant)
-    mine = _train(ours, variables)
-    theirs = _train(plain, to_plain(variables))
-    _assert_same_tree(mine, from_plain(theirs))
+@pytest.mark.parametrize("name", [
+    "resnet20", pytest.param("mobilenet_v2", marks=pytest.mark.slow)])
+def test_formats_after_training_and_the_integer_program_are_ours(name):
+    quant, layers, size = QuantConfig(), MODELS[name][2], SIZES[name]
+    ours, plain, variables = _pair(quant, name)
+    mine = _train(ours, variables, size=size)
+    theirs = _train(plain, to_plain(variables, layers), size=size)
+    _assert_same_tree(mine, from_plain(theirs, layers))
     formats = np.asarray(jax.tree_util.tree_leaves(mine["quant_stats"]))
     assert np.any(formats != 6.0)  # the running formats moved
 
-    ours_program = integer.export(mine, ours, image_shape=(SIZE, SIZE, 3))
-    plain_program = integer.export(theirs, plain, image_shape=(SIZE, SIZE, 3))
-    rename = sorted(((conv, o) for o, (conv, _) in LAYERS.items()), key=lambda p: -len(p[0]))
+    ours_program = integer.export(mine, ours, image_shape=(size, size, 3))
+    plain_program = integer.export(theirs, plain, image_shape=(size, size, 3))
+    rename = sorted(((conv, o) for o, (conv, _) in layers.items()), key=lambda p: -len(p[0]))
     ops, tensors, arrays = _program_names(plain_program, rename)
     assert ops == ours_program.ops
     assert tensors == ours_program.tensors
@@ -219,7 +221,7 @@ def test_formats_after_training_and_the_integer_program_are_ours():
     for k in arrays:
         np.testing.assert_array_equal(arrays[k], ours_program.arrays[k], err_msg=k)
 
-    report = verify(plain_program, plain, theirs, _images(20, 8))
+    report = verify(plain_program, plain, theirs, _images(20, 8, size))
     assert report.exact, (report.tensors_differing, report.max_logit_diff)
 
 
@@ -288,3 +290,113 @@ def test_asymmetric_padding_and_conv_bias_are_refused_naming_the_conv():
 
     with pytest.raises(Refused, match=r"nn.Conv 'down': padding 'SAME' pads"):
         _init(Same())
+
+
+# --------------------------------------------------------------------------------------
+# A model that takes uint8 pixels and normalizes them itself.
+
+
+class _Normalized(nn.Module):
+    """``how`` it treats its pixels, then the stem, a block, the mean, a classifier."""
+
+    how: str = "per_channel"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        mean, std = jnp.asarray([0.49, 0.48, 0.45]), jnp.asarray([0.25, 0.24, 0.26])
+        if self.how == "per_channel":
+            x = (x.astype(jnp.float32) / 255.0 - mean) / std
+        elif self.how == "by_position":   # a mean image: no table per channel can hold it
+            x = x / 255.0 - jnp.linspace(0.0, 0.5, x.shape[2])[None, None, :, None]
+        elif self.how == "by_image":      # the image's own mean: not elementwise
+            x = x / 255.0 - jnp.mean(x / 255.0)
+        elif self.how == "relu_after":
+            x = nn.relu(_conv_bn((x / 127.5 - 1.0), "pre", train))
+        x = nn.relu(_conv_bn(x, "stem", train))
+        y = nn.relu(_conv_bn(x, "body", train) + x)
+        return nn.Dense(4, name="head")(jnp.mean(y, axis=(1, 2)))
+
+
+def test_a_model_normalizing_its_pixels_gets_that_as_the_programs_input_table():
+    model = f8net_jax.quantize(_Normalized())
+    images = _images(5)
+    variables = model.init(jax.random.PRNGKey(0), images)
+    assert "alpha" in variables["params"]["stem"]["input"]  # a signed input, its own chain
+    variables = _train(model, variables)
+    program = integer.export(variables, model, image_shape=(SIZE, SIZE, 3))
+    first = program.ops[0]
+    assert first["op"] == "lookup"
+    # The table is the model's own arithmetic on 0..255, in the stem's input format.
+    fl = program.tensors[first["out"]]["fraclen"][0]
+    p = np.arange(256, dtype=np.float32)[:, None]
+    value = (p / 255.0 - np.float32([0.49, 0.48, 0.45])) / np.float32([0.25, 0.24, 0.26])
+    expected = np.clip(np.round(value * 2.0 ** fl), -127, 127).T  # symmetric int8
+    np.testing.assert_array_equal(program.arrays[first["table"]], expected)
+    report = verify(program, model, variables, _images(21, 16))
+    assert report.exact, (report.tensors_differing, report.max_logit_diff)
+    # The same model handed float images refuses the arithmetic: the program reads pixels.
+    with pytest.raises(Refused, match=r"computes 'div' between quantized layers"):
+        model.init(jax.random.PRNGKey(0), images.astype(np.float32) / 256)
+
+
+def test_pixel_arithmetic_that_is_no_table_is_refused():
+    model = f8net_jax.quantize(_Normalized("by_position"))
+    variables = model.init(jax.random.PRNGKey(0), _images())
+    with pytest.raises(ValueError, match=r"before nn.Conv 'stem' depends on where a pixel is"):
+        integer.export(variables, model, image_shape=(SIZE, SIZE, 3))
+    with pytest.raises(Refused, match=r"computes '(sub|reduce_sum|div)'"):
+        f8net_jax.quantize(_Normalized("by_image")).init(jax.random.PRNGKey(0), _images())
+    with pytest.raises(Refused, match=r"normalizes its pixels itself .*normalized_input"):
+        f8net_jax.quantize(_Normalized(), quant=QuantConfig(normalized_input=True)).init(
+            jax.random.PRNGKey(0), _images())
+
+
+# --------------------------------------------------------------------------------------
+# The launcher: a plain model by 'module:factory', float then fixed point, exported.
+
+
+def _run(args, tmp_path):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (tests, os.environ.get("PYTHONPATH", "")) if p))
+    out = subprocess.run([sys.executable, "-m", *args], env=env, cwd=os.path.dirname(tests),
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_the_launcher_trains_a_plain_model_and_its_program_is_exact(tmp_path):
+    train = ["f8net_jax.main", "--config=f8net_jax/configs/smoke.py",
+             "--config.model=plain_models:tiny", "--config.num_train_steps=4"]
+    _run([*train, "--config.quant.mode=float", f"--workdir={tmp_path}/float"], tmp_path)
+    _run([*train, f"--config.init_from={tmp_path}/float", f"--workdir={tmp_path}/fixed"],
+         tmp_path)
+    _run(["f8net_jax.integer.export_program", f"--workdir={tmp_path}/fixed",
+          f"--output={tmp_path}/tiny", "--onnx"], tmp_path)
+    out = _run(["f8net_jax.integer.verify_program", f"--workdir={tmp_path}/fixed",
+                "--num_images=32"], tmp_path)
+    assert "max |logit diff| 0 (int32 units)" in out and "agreement 100.00%" in out
+
+    program = integer.load(f"{tmp_path}/tiny")
+    assert program.model == "plain_models:tiny"
+    assert {"max_pool", "add", "avg_pool", "dense"} <= {op["op"] for op in program.ops}
+    from f8net_jax.integer import audit
+    assert audit.audit(integer.Executor(program, backend="xla").jaxpr(batch_size=2)) == []
+    pytest.importorskip("onnxruntime")
+    from test_onnx import check_onnx_runtime_is_exact
+    images = np.random.default_rng(0).integers(0, 256, (4, *program.image_shape), np.uint8)
+    check_onnx_runtime_is_exact(program, images)
+
+
+def test_a_user_model_that_cannot_be_imported_names_the_config_field():
+    from f8net_jax import run_config
+    from f8net_jax.configs import smoke
+    config = smoke.get_config()
+    config.model = "no_such_package.models:resnet"
+    with pytest.raises(ValueError, match=r"config.model 'no_such_package.models:resnet': "
+                                         r"cannot import"):
+        run_config.check_config(config)
+    config.model = "plain_models:no_such_factory"
+    with pytest.raises(ValueError, match=r"config.model .*has no callable 'no_such_factory'"):
+        run_config.check_config(config)

@@ -318,6 +318,25 @@ def test_fashion_mnist_offline_reads_the_idx_files():
     assert np.bincount(labels).tolist() == [1000] * 10
 
 
+def test_a_failed_collective_is_told_from_the_runs_own_errors():
+    import jax
+
+    from f8net_jax.runtime import lost_contact
+
+    gloo = ValueError("UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/"
+                      "pair.cc:538] Read error [127.0.0.1]:39296: Connection reset by peer")
+    assert lost_contact(gloo)
+    try:
+        try:
+            raise jax.errors.JaxRuntimeError("INTERNAL: something")
+        except jax.errors.JaxRuntimeError as e:
+            raise ValueError("while saving") from e
+    except ValueError as wrapped:
+        assert lost_contact(wrapped)
+    assert not lost_contact(ValueError("config.learning_rate must be > 0, got -1"))
+    assert not lost_contact(FloatingPointError("non-finite values in params"))
+
+
 @pytest.mark.slow
 def test_two_processes_with_jax_distributed_survive_a_killed_process_and_resume(tmp_path):
     """Both processes train the smoke config; once the checkpoint at step 6 is written, one

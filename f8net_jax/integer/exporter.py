@@ -23,6 +23,7 @@ Each recorded event is replayed by the op kind that declares it (integer/ops: it
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Optional
 
 import flax
@@ -186,13 +187,21 @@ def export(variables: Mapping[str, Any], model, config=None, *,
       image_shape: (height, width, channels) the program runs on; the global average pool's
         shift depends on it.
     """
+    spec = model if models.is_user_model(model) else None
+    if spec is not None:
+        from f8net_jax.models import user
+        size = _field(config, "image_size", None) if image_shape is None else image_shape[0]
+        model, _, channels = user.rebuild(
+            model, variables["params"], quant=_quant_config(config), image_size=int(size),
+            num_classes=_field(config, "num_classes", 10), channels=_field(config, "channels", 3))
+        image_shape = image_shape or (int(size), int(size), channels)
     if isinstance(model, str):
         name = model
         if name not in models.MODEL_NAMES:
             raise ValueError(f"model must be one of {list(models.MODEL_NAMES)}, got {name!r}")
         quant = _quant_config(config)
     else:
-        name = type(model).__name__
+        name = spec or getattr(model, "model_name", type(model).__name__)
         quant = model.quant
     if not quant.fixed:
         raise ValueError("quant.mode is 'float': integer inference needs a fixed-point model "
@@ -242,6 +251,9 @@ def export(variables: Mapping[str, Any], model, config=None, *,
     table = analysis.layer_formats(model, variables, image_shape,
                                    collections=("formats", "folded"))
     record = recording.record(model, variables, image_shape)
+    for event in record.events:  # a model's own normalization, computed from its variables
+        if event.kind == "image" and event.attrs.get("normalize") is not None:
+            event.attrs["normalize"] = functools.partial(event.attrs["normalize"], variables)
     b = _Builder(table)
     output = _replay(b, record.events, record.output)
     info = {"quant": dataclasses.asdict(quant), "width_multiplier": width}

@@ -13,6 +13,7 @@ from typing import Optional
 from f8net_jax.layers import QuantConfig
 from f8net_jax.models.mobilenet import MobileNetV1, MobileNetV2
 from f8net_jax.models.resnet import ResNet
+from f8net_jax.models.user import is_user_model
 
 _RESNETS = {
     # name: (stage sizes, bottleneck, CIFAR-style)
@@ -27,14 +28,21 @@ MODEL_NAMES = tuple(_RESNETS) + ("mobilenet_v1", "mobilenet_v2")
 
 def create(name: str, *, num_classes: int, quant: Optional[QuantConfig] = None,
            width_multiplier: float = 1.0):
-    """A linen module for ``name`` (one of MODEL_NAMES). ``width_multiplier`` scales the
-    channels of the MobileNets."""
-    if name not in MODEL_NAMES:
-        raise ValueError(f"model must be one of {list(MODEL_NAMES)}, got {name!r}")
+    """A linen module for ``name`` (one of MODEL_NAMES, or 'package.module:factory': a
+    user's plain Flax model, quantized, see models/user.py). ``width_multiplier`` scales
+    the channels of the MobileNets."""
+    if name not in MODEL_NAMES and not is_user_model(name):
+        raise ValueError(f"model must be one of {list(MODEL_NAMES)} or a user model "
+                         f"'package.module:factory', got {name!r}")
     if quant is None:
         quant = QuantConfig()
     if not isinstance(quant, QuantConfig):
         raise ValueError(f"quant must be a QuantConfig, got {type(quant).__name__}")
+    if is_user_model(name):
+        if width_multiplier != 1.0:
+            raise ValueError(f"width_multiplier applies to the MobileNets only, not {name}")
+        from f8net_jax.models import user
+        return user.create(name, num_classes=num_classes, quant=quant)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if not width_multiplier > 0:

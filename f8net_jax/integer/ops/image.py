@@ -49,7 +49,7 @@ class Image(OpKind):
         layer = reader.attrs.get("layer") if reader is not None else None
         if layer is None:
             raise ValueError("a normalized image must be read by a layer's input quantizer")
-        return REGISTRY["lookup"].build(r.b, channels, layer)
+        return REGISTRY["lookup"].build(r.b, channels, layer, event.attrs.get("normalize"))
 
     def run(self, op, args, run):
         return arithmetic.recode(run.images, "u8", run.code[op["out"]])
@@ -77,13 +77,15 @@ class Lookup(OpKind):
         v.expect(f"the shape of {op['table']!r}", v.arrays[op["table"]].shape, (channels, 256))
         v.expect(f"the channels of {op['out']!r}", (v.dst["channels"],), (channels,))
 
-    def build(self, b, channels: int, stem: str) -> str:
+    def build(self, b, channels: int, stem: str, normalize=None) -> str:
         """Per channel and pixel value p, round(norm_c(p) * 2^fl) saturated, computed with
-        the simulation's own float ops (common.normalize_pixels, fp.quantize)."""
+        the simulation's own float ops: ``normalize`` (pixels -> values; the model's own,
+        for a plain Flax model that normalizes its pixels) or common.normalize_pixels,
+        then fp.quantize."""
         fl = int(b.layer(stem)["input_fraclen"])
         pixels = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, None, :, None],
                                  (1, 1, 256, channels))
-        value = common.normalize_pixels(jnp.asarray(pixels))
+        value = (normalize or common.normalize_pixels)(jnp.asarray(pixels))
         q = fp.quantize(value, jnp.float32(fl), signed=True, wide=True) * fp.pow2(fl)
         table = np.asarray(q, np.float32)[0, 0].T.astype(np.int8)  # [channels, 256]
         key = f"{stem}/table"
