@@ -23,9 +23,17 @@ ONNX engines get uint8 NCHW images, the executor uint8 NHWC (layout change not t
 Every engine runs with ``threads`` threads (ONNX Runtime intra-op, OpenVINO inference
 threads; JAX and oneDNN use the machine's cores). Then the same at batch 1 (latency), and
 for ResNet-18 the time of each oneDNN call of the executor alone (per layer) against the
-whole executor. Last lines:
-`integer/openvino int8 throughput ratio: R` and `integer/float eval throughput ratio: R`
-(ResNet-18, the default backend).
+whole executor. Then, for ResNet-18, a batch sweep (``--sweep``, default 1 2 4 8 16): ms
+per image of the default backend, of OpenVINO int8 and of OpenVINO running our exact
+export (f32 hint), interleaved at each batch, and which implementation runs each layer at
+that batch (every layer's at the benchmark's batch; at the others, the layers whose
+implementation differs). Last lines (ResNet-18, the default backend):
+`resnet20 integer/openvino int8 throughput ratio: R` (at its batch),
+`integer/openvino int8 throughput ratio: R` (images/s at the benchmark's batch),
+`integer/openvino batch-1 latency ratio: R` (ms at batch 1, ours over OpenVINO's: below 1
+is faster), `integer worst per-image time over batch <B>'s: R` (the sweep's largest ms per
+image over the benchmark batch's: a cliff shows here) and
+`integer/float eval throughput ratio: R`.
 """
 
 import argparse
@@ -116,6 +124,40 @@ def per_layer(case: runtimes.Case, executor) -> None:
           f"({100 * (total_ms - layers_ms) / total_ms:.0f}%)")
 
 
+def sweep(case: runtimes.Case, main: str, executor, batches, args) -> dict:
+    """ms per image of ours and of OpenVINO (int8, and on our export) at each batch size;
+    the implementation of every layer at each."""
+    models = runtimes.onnx_models(case)
+    size = case.images.shape[1]
+    calibration = np.random.default_rng(1).integers(0, 256, (16, 3, size, size), np.uint8)
+    fns = {main: executor,
+           "openvino int8": runtimes.openvino_engine(
+               runtimes.ort_quantize_static(models["float32"], calibration), args.threads),
+           "openvino (our export)": runtimes.openvino_engine(models["exact"], args.threads,
+                                                             "f32")}
+    per_image, first = {}, None
+    print(f"{case.name} {size}x{size} batch sweep, ms per image ({runtimes.machine()}):")
+    print(f"  {'batch':>5s} " + " ".join(f"{k:>22s}" for k in fns))
+    for b in batches:
+        images = np.random.default_rng(b).integers(0, 256, (b, size, size, 3), np.uint8)
+        inputs = {k: jnp.asarray(images) if k == main else runtimes.nchw(images) for k in fns}
+        seconds = runtimes.interleaved(fns, inputs, args.rounds, args.per_round)
+        per_image[b] = {k: 1e3 * v / b for k, v in seconds.items()}
+        print(f"  {b:5d} " + " ".join(f"{per_image[b][k]:22.2f}" for k in fns))
+    if hasattr(executor, "implementations"):
+        for b in batches:
+            impls = executor.implementations(b)
+            if first is None:
+                first = impls
+                print(f"  implementations at batch {b}: " + ", ".join(
+                    f"{k}: {v}" for k, v in impls.items()))
+            else:
+                changed = {k: v for k, v in impls.items() if v != first[k]}
+                print(f"  at batch {b}: " + (", ".join(f"{k}: {v}" for k, v in changed.items())
+                                             or "the same"))
+    return per_image
+
+
 def measure(name, size, classes, batch, args):
     case = runtimes.make_case(name, size, classes, batch)
     fns, kinds, main = engines(case, args.threads)
@@ -137,7 +179,7 @@ def measure(name, size, classes, batch, args):
           + ", ".join(f"{k} {1e3 / v:.2f} ms" for k, v in rates[1].items()))
     if name == "resnet18" and main == "integer (onednn)":
         per_layer(case, fns[main])
-    return r, main
+    return r, rates[1], main, case, fns[main]
 
 
 def main():
@@ -147,13 +189,24 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resnet18_batch", type=int, default=8)
     parser.add_argument("--resnet20_batch", type=int, default=128)
+    parser.add_argument("--sweep", type=int, nargs="*", default=[1, 2, 4, 8, 16],
+                        help="ResNet-18 batch sizes of the sweep (none: no sweep)")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; "
           f"{runtimes.machine()}")
-    measure("resnet20", 32, 10, args.resnet20_batch, args)
-    r, main = measure("resnet18", 224, 1000, args.resnet18_batch, args)
+    r20, _, main20, _, _ = measure("resnet20", 32, 10, args.resnet20_batch, args)
+    r, r1, main, case, executor = measure("resnet18", 224, 1000, args.resnet18_batch, args)
+    per_image = sweep(case, main, executor, args.sweep, args) if args.sweep else {}
     print(f"machine after: {runtimes.machine()}")
+    print(f"resnet20 integer/openvino int8 throughput ratio: "
+          f"{r20[main20] / r20['openvino int8']:.2f}")
     print(f"integer/openvino int8 throughput ratio: {r[main] / r['openvino int8']:.2f}")
+    print(f"integer/openvino batch-1 latency ratio: {r1['openvino int8'] / r1[main]:.2f}")
+    if per_image:
+        base = per_image.get(args.resnet18_batch, {}).get(main) or 1e3 / r[main]
+        worst = max(per_image, key=lambda b: per_image[b][main])
+        print(f"integer worst per-image time over batch {args.resnet18_batch}'s: "
+              f"{per_image[worst][main] / base:.2f} (batch {worst})")
     print(f"integer/float eval throughput ratio: {r[main] / r['float eval (jax)']:.2f}")
 
 
