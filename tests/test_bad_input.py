@@ -225,6 +225,7 @@ def test_a_damaged_latest_checkpoint_is_reported_moved_aside_and_the_previous_us
     assert os.listdir(os.path.join(workdir, checkpoints.DAMAGED)) == ["4"]  # never deleted
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("trained_workdir")
 def test_a_run_resumed_past_a_damaged_checkpoint_ends_as_an_undamaged_one(trained, tmp_path):
     workdir = fresh_copy(trained, tmp_path)
@@ -235,6 +236,7 @@ def test_a_run_resumed_past_a_damaged_checkpoint_ends_as_an_undamaged_one(traine
     assert checkpoints.digest(redone) == checkpoints.digest(straight)
 
 
+@pytest.mark.slow  # the deterministic check of its cause is the next test
 @pytest.mark.xdist_group("trained_workdir")
 def test_a_truncated_checkpoint_gives_one_warning_line_and_no_traceback(trained, tmp_path):
     workdir = fresh_copy(trained, tmp_path)

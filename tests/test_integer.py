@@ -70,14 +70,16 @@ def make(name, size, quant, *, channels=3, classes=10, width=1.0, seed=0):
 
 CASES = [
     ("resnet20", 16, QuantConfig(), 1, 1.0),
-    ("resnet20", 16, QuantConfig(granularity="channel"), 1, 1.0),
+    pytest.param("resnet20", 16, QuantConfig(granularity="channel"), 1, 1.0,
+                 marks=pytest.mark.slow),
     ("resnet20", 16, QuantConfig(normalized_input=True, clipping=False, format_rule="grid"), 3,
      1.0),
     ("mobilenet_v1", 32, QuantConfig(), 3, 0.25),
     pytest.param("mobilenet_v2", 32, QuantConfig(granularity="channel",
                                                  share_classifier_alpha=True), 3, 0.25,
                  marks=pytest.mark.slow),
-    ("resnet20", 16, QuantConfig(wide_fraclen=True, share_alpha=False), 1, 1.0),
+    pytest.param("resnet20", 16, QuantConfig(wide_fraclen=True, share_alpha=False), 1, 1.0,
+                 marks=pytest.mark.slow),
     pytest.param("resnet18", 32, QuantConfig(granularity="channel"), 3, 1.0,
                  marks=pytest.mark.slow),
     pytest.param("mobilenet_v2", 32, QuantConfig(), 3, 0.5, marks=pytest.mark.slow),
@@ -134,10 +136,9 @@ def _every_architecture():
 
 
 @pytest.mark.parametrize("name, size, width", [
-    # The deeper ResNets reuse the blocks of ResNet-20, MobileNet V2 those of V1 and of the
-    # residual add: they are audited in the slow suite.
-    pytest.param(*a, marks=pytest.mark.slow) if a[0] in ("resnet18", "resnet34", "resnet50",
-                                                         "resnet56", "mobilenet_v2") else a
+    # The deeper ResNets reuse the blocks of ResNet-20, the MobileNets depthwise layers
+    # that tests/test_new_model.py audits: they are audited in the slow suite.
+    pytest.param(*a, marks=pytest.mark.slow) if a[0] != "resnet20" else a
     for a in _every_architecture()], ids=[a[0] for a in _every_architecture()])
 def test_audit_finds_no_float_no_wide_multiply_no_division(name, size, width):
     quant = QuantConfig(granularity="channel" if name.endswith("0") else "layer")

@@ -159,7 +159,8 @@ def test_mobilenet_v2_gradients_reach_every_alpha():
 TINY_FINETUNE = QuantConfig(mode="fixed", format_rule="grid", clipping=False)
 
 
-@pytest.mark.parametrize("quant", [FLOAT_PACT, FIXED, TINY_FINETUNE],
+@pytest.mark.parametrize("quant", [FLOAT_PACT, FIXED,
+                                   pytest.param(TINY_FINETUNE, marks=pytest.mark.slow)],
                          ids=["float", "fixed", "grid-noclip"])
 def test_a_few_sgd_steps_on_a_fixed_batch_lower_the_loss(quant):
     model = models.create("resnet20", num_classes=10, quant=quant)

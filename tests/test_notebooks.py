@@ -4,6 +4,8 @@ import pathlib
 import re
 import sys
 
+import pytest
+
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "notebooks"))
 import run_notebooks  # noqa: E402
@@ -33,6 +35,7 @@ def test_quantizer_explorer_reproduces_the_rule_constants():
     assert difference < 1e-5  # PACT and F8Net's format + scale give the same numbers
 
 
+@pytest.mark.slow
 def test_formats_inspector_trains_and_plots_a_smoke_run(monkeypatch):
     monkeypatch.delenv("F8NET_WORKDIR", raising=False)
     text = stream_text(run_notebooks.execute("formats_inspector.ipynb"))

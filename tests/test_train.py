@@ -32,7 +32,8 @@ def run_script(args, env=None, timeout=600):
 
 
 @pytest.mark.xdist_group("cpu_devices")  # one multi-device process at a time
-@pytest.mark.parametrize("mode", ["float", pytest.param("fixed", marks=pytest.mark.slow)])
+@pytest.mark.slow  # four devices on two cores: XLA:CPU stalls it for minutes when busy
+@pytest.mark.parametrize("mode", ["float", "fixed"])
 def test_pmap_over_four_devices_matches_one_device(mode):
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
