@@ -74,7 +74,9 @@ class NormalizingNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = (x.astype(jnp.float32) / 255.0 - jnp.asarray(MEAN)) / jnp.asarray(STD)
+        three = x.shape[-1] == 3
+        mean, std = (jnp.asarray(MEAN), jnp.asarray(STD)) if three else (0.47, 0.25)
+        x = (x.astype(jnp.float32) / 255.0 - mean) / std
         return TinyPlainNet(self.num_classes, name="body")(x, train)
 
 

@@ -5,6 +5,7 @@ express is refused at init, naming the module and the op."""
 
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -368,10 +369,12 @@ def _run(args, tmp_path):
 @pytest.mark.slow
 def test_the_launcher_trains_a_plain_model_and_its_program_is_exact(tmp_path):
     train = ["f8net_jax.main", "--config=f8net_jax/configs/smoke.py",
-             "--config.model=plain_models:tiny", "--config.num_train_steps=4"]
+             "--config.model=plain_models:normalizing", "--config.num_train_steps=4"]
     _run([*train, "--config.quant.mode=float", f"--workdir={tmp_path}/float"], tmp_path)
-    _run([*train, f"--config.init_from={tmp_path}/float", f"--workdir={tmp_path}/fixed"],
-         tmp_path)
+    fixed = [*train[:-1], f"--config.init_from={tmp_path}/float", f"--workdir={tmp_path}/fixed"]
+    _run([*fixed, "--config.num_train_steps=2"], tmp_path)
+    out = _run([*fixed, "--config.num_train_steps=4"], tmp_path)  # resumes at step 2
+    assert re.search(r"Resumed from .* at step 2", out), out[-3000:]
     _run(["f8net_jax.integer.export_program", f"--workdir={tmp_path}/fixed",
           f"--output={tmp_path}/tiny", "--onnx"], tmp_path)
     out = _run(["f8net_jax.integer.verify_program", f"--workdir={tmp_path}/fixed",
@@ -379,7 +382,9 @@ def test_the_launcher_trains_a_plain_model_and_its_program_is_exact(tmp_path):
     assert "max |logit diff| 0 (int32 units)" in out and "agreement 100.00%" in out
 
     program = integer.load(f"{tmp_path}/tiny")
-    assert program.model == "plain_models:tiny"
+    assert program.model == "plain_models:normalizing"
+    # Its own normalization of the pixels is the program's input table.
+    assert program.ops[0]["op"] == "lookup"
     assert {"max_pool", "add", "avg_pool", "dense"} <= {op["op"] for op in program.ops}
     from f8net_jax.integer import audit
     assert audit.audit(integer.Executor(program, backend="xla").jaxpr(batch_size=2)) == []
