@@ -22,10 +22,16 @@ def test_readme_python_example_values_are_what_the_code_returns():
     checked = 0
     for block in blocks:
         namespace = {}
-        for line in block.splitlines():
-            code, _, comment = line.partition("  #")
-            if not code.strip():
+        lines = block.splitlines()
+        for statement in ast.parse(block).body:
+            # A one-line statement's comment is the value it must give; a longer one (a
+            # class, a call over several lines) is run as it is.
+            source = "\n".join(lines[statement.lineno - 1:statement.end_lineno])
+            if statement.end_lineno != statement.lineno:
+                exec(compile(ast.Module([statement], []), "README", "exec"), namespace)
                 continue
+            line = source
+            code, _, comment = line.partition("  #")
             tree = ast.parse(code.strip())
             if isinstance(tree.body[0], ast.Expr) and comment.strip():
                 value = eval(compile(ast.Expression(tree.body[0].value), "README", "eval"), namespace)
