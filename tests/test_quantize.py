@@ -264,6 +264,28 @@ def _init(model, size=SIZE):
     return f8net_jax.quantize(model).init(jax.random.PRNGKey(0), x)
 
 
+def test_a_float_checkpoint_of_the_plain_model_loads_as_it_is():
+    """The user's own variables (their nn.Module's init) are the quantized model's, less
+    the alphas and formats it adds."""
+    from plain_models import TinyPlainNet
+    images = _images()
+    theirs = TinyPlainNet(num_classes=4).init(jax.random.PRNGKey(3), images)
+    model = f8net_jax.quantize(TinyPlainNet(num_classes=4))
+    ours = model.init(jax.random.PRNGKey(0), images)
+    ours = {c: ours[c] for c in ("params", "batch_stats", "quant_stats")}  # not the sown
+    flat = lambda t: {k: np.shape(v) for k, v in
+                      flax.traverse_util.flatten_dict(flax.core.unfreeze(t), sep="/").items()}
+    added = {k for k in flat(ours) if k not in flat(theirs)}
+    assert all(k.endswith(("input/alpha", "input/fraclen")) for k in added), added
+    assert {k: flat(ours)[k] for k in flat(theirs)} == flat(theirs)
+    # Their variables, with the added ones at their initial values, run as they are.
+    merged = flax.traverse_util.flatten_dict(flax.core.unfreeze(ours))
+    merged.update(flax.traverse_util.flatten_dict(flax.core.unfreeze(theirs)))
+    variables = flax.traverse_util.unflatten_dict(merged)
+    logits = model.apply(variables, images)
+    assert logits.shape == (BATCH, 4) and np.all(np.isfinite(np.asarray(logits)))
+
+
 def test_a_plain_tiny_model_initializes():
     variables = _init(Tiny())
     assert "alpha" in variables["params"]["body"]["input"]
