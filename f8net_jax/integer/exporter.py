@@ -170,23 +170,10 @@ def _mismatch(model, variables, image_shape) -> Optional[str]:
     return None
 
 
-def export(variables: Mapping[str, Any], model, config=None, *,
-           image_shape: Optional[tuple] = None) -> IntegerProgram:
-    """The integer program of a fixed-point model, built from the record of its own eval
-    forward (``f8net_jax.recording``): any model made of this package's layers exports.
-
-    Args:
-      variables: the model's 'params', 'batch_stats' and 'quant_stats', each variable
-        of the shape the model initializes (else ValueError, naming the first that
-        differs).
-      model: a linen module built from f8net_jax.layers in fixed-point mode, or the name
-        of one of models.MODEL_NAMES (built with ``config``).
-      config: for a model name, the training config (a ConfigDict or mapping with 'quant'
-        and 'width_multiplier', when the model has one); 'image_size' of a config gives the
-        default image shape.
-      image_shape: (height, width, channels) the program runs on; the global average pool's
-        shift depends on it.
-    """
+def _resolve(variables, model, config, image_shape):
+    """(module, name, quant, image shape, number of classes, width multiplier) of what
+    ``export`` was given: a module, one of models.MODEL_NAMES or a user model's
+    'package.module:factory'; checks the variables have what a fixed-point model needs."""
     spec = model if models.is_user_model(model) else None
     if spec is not None:
         from f8net_jax.models import user
@@ -245,6 +232,28 @@ def export(variables: Mapping[str, Any], model, config=None, *,
     if classifier != "classifier":
         bias = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
         num_classes = int(np.shape(bias[f"{classifier(image_shape)}/bias"])[0])
+    return model, name, quant, image_shape, num_classes, width
+
+
+def export(variables: Mapping[str, Any], model, config=None, *,
+           image_shape: Optional[tuple] = None) -> IntegerProgram:
+    """The integer program of a fixed-point model, built from the record of its own eval
+    forward (``f8net_jax.recording``): any model made of this package's layers exports.
+
+    Args:
+      variables: the model's 'params', 'batch_stats' and 'quant_stats', each variable
+        of the shape the model initializes (else ValueError, naming the first that
+        differs).
+      model: a linen module built from f8net_jax.layers in fixed-point mode, or the name
+        of one of models.MODEL_NAMES (built with ``config``).
+      config: for a model name, the training config (a ConfigDict or mapping with 'quant'
+        and 'width_multiplier', when the model has one); 'image_size' of a config gives the
+        default image shape.
+      image_shape: (height, width, channels) the program runs on; the global average pool's
+        shift depends on it.
+    """
+    model, name, quant, image_shape, num_classes, width = _resolve(
+        variables, model, config, image_shape)
     mismatch = _mismatch(model, variables, image_shape)
     if mismatch:
         raise ValueError(f"the variables are not those of a {name} ({mismatch})")
