@@ -32,13 +32,21 @@ def exact(impl: str) -> bool:
     return ("amx" in impl or "vnni" in impl) and "ref" not in impl
 
 
+def on_xla(description: str) -> bool:
+    """A layer oneDNN has no exact implementation for runs XLA's int8 product (exact), and
+    the plan names what oneDNN offered."""
+    return description.startswith("xla int8 ") and "oneDNN offers no exact one" in description
+
+
 @needs_onednn
 @pytest.mark.parametrize("name", [n if n in ("resnet18", "resnet20")
                                   else pytest.param(n, marks=pytest.mark.slow)
                                   for n in ARCHITECTURES])
 def test_every_layer_runs_an_exact_onednn_kernel_at_every_batch(name):
     """The plan is queried, nothing is run: every layer of every architecture, at 224 and at
-    32x32, at every batch size, on an AMX or VNNI implementation of oneDNN."""
+    32x32, at every batch size, on an AMX or VNNI implementation of oneDNN, or, where
+    oneDNN offers none (seen with AMX at some batch sizes), on XLA's exact int8 product,
+    saying so; never on a reference or int16-pair implementation."""
     quant = QuantConfig(mode="fixed")
     model = models.create(name, num_classes=10, quant=quant)
     x = np.zeros((1, 32, 32, 3), np.uint8)
@@ -49,8 +57,10 @@ def test_every_layer_runs_an_exact_onednn_kernel_at_every_batch(name):
         for batch in BATCHES:
             impls = executor.implementations(batch)
             assert len(impls) == sum(op["op"] in ("conv", "dense") for op in program.ops)
-            bad = {k: v for k, v in impls.items() if not exact(v)}
+            bad = {k: v for k, v in impls.items() if not (exact(v) or on_xla(v))}
             assert not bad, f"{name} {size}x{size} batch {batch}: {bad}"
+            # oneDNN computes most layers (every one on the AVX-512 VNNI CPUs seen so far).
+            assert sum(exact(v) for v in impls.values()) > len(impls) / 2, impls
 
 
 @needs_onednn
