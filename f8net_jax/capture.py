@@ -248,7 +248,7 @@ def capture(module, x_shape: tuple, args: tuple = (), kwargs: Optional[dict] = N
     (float32, or uint8 pixels), called with ``args`` and ``kwargs`` after it."""
     dtype = jnp.dtype(dtype)
     closed, calls = _trace(module, tuple(x_shape), tuple(args), dict(kwargs or {}), dtype)
-    image = Node("image", (), {"dtype": dtype.name}, "", tuple(x_shape))
+    image = Node("image", (), {}, "", tuple(x_shape))
     reader = _Reader(calls, pixels=dtype == jnp.uint8)
     (output,) = reader.read(closed.jaxpr, [image])
     return Graph(calls, output, image, reader.container_outputs)

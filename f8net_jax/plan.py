@@ -55,6 +55,11 @@ class Layer:
     def is_classifier(self) -> bool:
         return self.bn is None
 
+    @property
+    def module(self) -> str:
+        """The path of the module whose code calls it ('' for the top level)."""
+        return self.name.rpartition("/")[0]
+
 
 @dataclasses.dataclass
 class Plan:
@@ -229,10 +234,6 @@ def _nonnegative(node: Node) -> bool:
     return False
 
 
-def _parent(path: str) -> str:
-    return path.rpartition("/")[0]
-
-
 def _fused_relu(layer: Layer, refcount: dict) -> bool:
     """Whether the ReLU ``layer`` reads is its input quantizer's own (as inside our blocks,
     where a layer's unsigned quantizer is the ReLU after the previous layer and takes its
@@ -245,8 +246,8 @@ def _fused_relu(layer: Layer, refcount: dict) -> bool:
     src = node.inputs[0]
     if src.op != "call" or src.attrs["call"].kind != "bn":
         return False
-    module = _parent(layer.name)
-    return node.where == module and _parent(src.attrs["call"].path) == module
+    bn_module = src.attrs["call"].path.rpartition("/")[0]
+    return node.where == layer.module == bn_module
 
 
 def _input_kind(layer: Layer, quant: QuantConfig) -> str:

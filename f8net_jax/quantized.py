@@ -145,18 +145,16 @@ class _Forward:
         alpha sums its uses in that order): at the first layer, those of the top-level
         readers (the first layer of each module, every layer of the top module); at the
         first layer of a module, those of its other layers."""
-        group = layer.name.rpartition("/")[0]
         if not self.started:
             seen = set()
             for other in self.plan.layers:
-                parent = other.name.rpartition("/")[0]
-                if parent == "" or parent not in seen:
+                if other.module == "" or other.module not in seen:
                     self.scale_of(other)
-                seen.add(parent)
-        if group not in self.started:
-            self.started.add(group)
+                seen.add(other.module)
+        if layer.module not in self.started:
+            self.started.add(layer.module)
             for other in self.plan.layers:
-                if other.name.rpartition("/")[0] == group:
+                if other.module == layer.module:
                     self.scale_of(other)
 
     def scale_of(self, layer: Layer):
@@ -215,7 +213,7 @@ class _Forward:
         if self.initializing:
             next_fun(*args, **kwargs)  # the user's variables, as the module makes them
         self.start(layer)
-        if layer.fused_relu and id(layer.input.inputs[0]) in self.keys:
+        if layer.fused_relu:  # its producer, which ran before it, keyed its BatchNorm output
             # The quantizer is the ReLU: it reads the BatchNorm's output (the statistic
             # before rectification, as our blocks); the user's ReLU goes unused.
             x = self.keys[id(layer.input.inputs[0])]

@@ -427,3 +427,24 @@ def test_a_user_model_that_cannot_be_imported_names_the_config_field():
     config.model = "plain_models:no_such_factory"
     with pytest.raises(ValueError, match=r"config.model .*has no callable 'no_such_factory'"):
         run_config.check_config(config)
+
+
+def test_a_model_built_with_nn_sequential_exports_an_exact_program():
+    """Layers in an nn.Sequential (a container: its calls are read through)."""
+    class Seq(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            body = nn.Sequential([
+                nn.Conv(8, (3, 3), padding=1, use_bias=False),
+                nn.BatchNorm(use_running_average=True), nn.relu,
+                nn.Conv(8, (3, 3), padding=1, use_bias=False),
+                nn.BatchNorm(use_running_average=True), nn.relu], name="body")
+            return nn.Dense(4, name="head")(jnp.mean(body(x), axis=(1, 2)))
+
+    model = f8net_jax.quantize(Seq())
+    variables = model.init(jax.random.PRNGKey(0), _images())
+    variables = {c: variables[c] for c in ("params", "batch_stats", "quant_stats")}
+    program = integer.export(variables, model, image_shape=(SIZE, SIZE, 3))
+    assert [op["op"] for op in program.ops].count("conv") == 2
+    report = verify(program, model, variables, _images(22, 8))
+    assert report.exact, (report.tensors_differing, report.max_logit_diff)

@@ -13,6 +13,7 @@ from typing import Optional
 from f8net_jax.layers import QuantConfig
 from f8net_jax.models.mobilenet import MobileNetV1, MobileNetV2
 from f8net_jax.models.resnet import ResNet
+from f8net_jax.models import user
 from f8net_jax.models.user import is_user_model
 
 _RESNETS = {
@@ -41,7 +42,6 @@ def create(name: str, *, num_classes: int, quant: Optional[QuantConfig] = None,
     if is_user_model(name):
         if width_multiplier != 1.0:
             raise ValueError(f"width_multiplier applies to the MobileNets only, not {name}")
-        from f8net_jax.models import user
         return user.create(name, num_classes=num_classes, quant=quant)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
